@@ -1,0 +1,1 @@
+"""The ``register`` operator: an MLflow model version for a published directory, by reference."""

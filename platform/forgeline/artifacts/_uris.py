@@ -1,0 +1,188 @@
+"""Model URIs: parse, fingerprint (for cache keys) and materialize to a local directory.
+
+Schemes: a local path or ``file://``; ``builtin://NAME`` (a registered ``ModelSource``, written into
+the store once per fingerprint); ``hf://ORG/NAME[@REVISION]`` (``huggingface_hub.snapshot_download``);
+``s3://BUCKET/PREFIX`` (boto3). ``mlflow://`` is resolved by the runtime, which owns tracking, through
+the ``extra`` resolvers hook. Remote downloads land in the store's ``models/`` cache, published
+atomically, so a second use is a directory lookup.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+from forgeline.artifacts._manifest import (
+    MANIFEST_NAME,
+    dir_digest,
+    new_staging_dir,
+    publish,
+    read_manifest,
+)
+from forgeline.registry import ModelSource, OperatorRegistry
+
+
+class UriError(ValueError):
+    """A model URI that cannot be resolved; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class ParsedUri:
+    scheme: str  # "local" | "builtin" | "hf" | "s3" | "mlflow"
+    target: str  # path, name, repo id, bucket/prefix, or registry reference
+    revision: str | None = None
+
+
+def parse_uri(uri: str, base_dir: Path | None = None) -> ParsedUri:
+    if "://" not in uri:
+        p = Path(uri).expanduser()
+        if not p.is_absolute() and base_dir is not None:
+            p = base_dir / p
+        return ParsedUri("local", str(p.resolve()))
+    scheme, _, rest = uri.partition("://")
+    if scheme == "file":
+        return ParsedUri("local", str(Path(urlparse(uri).path).resolve()))
+    if scheme == "builtin":
+        return ParsedUri("builtin", rest.strip("/"))
+    if scheme == "hf":
+        repo, _, rev = rest.partition("@")
+        if repo.count("/") != 1:
+            raise UriError(f"{uri!r}: expected hf://ORG/NAME[@REVISION]")
+        return ParsedUri("hf", repo, rev or None)
+    if scheme == "s3":
+        if not rest or rest.startswith("/"):
+            raise UriError(f"{uri!r}: expected s3://BUCKET/PREFIX")
+        return ParsedUri("s3", rest)
+    if scheme == "mlflow":
+        return ParsedUri("mlflow", rest)
+    raise UriError(f"{uri!r}: unknown scheme {scheme!r} (use a path, builtin://, hf://, s3:// or mlflow://)")
+
+
+@dataclass
+class ModelStore:
+    """Materializes model URIs into ``root/models`` and fingerprints them for cache keys."""
+
+    root: Path
+    registry: OperatorRegistry
+    # Schemes resolved by other layers (the runtime adds ``mlflow``): materialize and fingerprint.
+    extra: dict[str, Callable[[ParsedUri], Path]] = field(default_factory=dict)
+    extra_fingerprint: dict[str, Callable[[ParsedUri], str]] = field(default_factory=dict)
+
+    @property
+    def models_dir(self) -> Path:
+        return self.root / "models"
+
+    def fingerprint(self, uri: str, base_dir: Path | None = None) -> str:
+        """A cheap, stable identity of the model's content for cache keys."""
+        parsed = parse_uri(uri, base_dir)
+        if parsed.scheme in self.extra_fingerprint:
+            return self.extra_fingerprint[parsed.scheme](parsed)
+        if parsed.scheme == "builtin":
+            return f"builtin:{parsed.target}:{self._builtin(parsed.target).fingerprint()}"
+        if parsed.scheme == "local":
+            return f"local:{self._local_digest(Path(parsed.target))}"
+        if parsed.scheme == "hf":
+            # Unpinned revisions move; the plan reports that the cache cannot see such changes.
+            return f"hf:{parsed.target}@{parsed.revision or 'main'}"
+        return f"{parsed.scheme}:{parsed.target}"
+
+    def materialize(self, uri: str, base_dir: Path | None = None) -> Path:
+        parsed = parse_uri(uri, base_dir)
+        if parsed.scheme in self.extra:
+            return self.extra[parsed.scheme](parsed)
+        if parsed.scheme == "local":
+            p = Path(parsed.target)
+            if not p.exists():
+                raise UriError(f"model path does not exist: {p}")
+            return p
+        if parsed.scheme == "builtin":
+            source = self._builtin(parsed.target)
+            final = self.models_dir / f"builtin-{parsed.target}-{source.fingerprint()[:16]}"
+            if read_manifest(final) is None:
+                staging = new_staging_dir(final)
+                source.materialize(staging)
+                publish(staging, final, {"uri": uri})
+            return final
+        if parsed.scheme == "hf":
+            return self._hf(parsed)
+        if parsed.scheme == "s3":
+            return self._s3(parsed)
+        raise UriError(f"{uri!r}: scheme {parsed.scheme!r} is not resolvable here")
+
+    def _builtin(self, name: str) -> ModelSource:
+        source = self.registry.model(name)
+        if source is None:
+            known = ", ".join(m.name for m in self.registry.models()) or "none installed"
+            raise UriError(f"unknown builtin model {name!r} (known: {known})")
+        return source
+
+    def _local_digest(self, path: Path) -> str:
+        if not path.exists():
+            raise UriError(f"model path does not exist: {path}")
+        m = read_manifest(path)
+        if m is not None:
+            return m.digest
+        # Hashing a multi-GB checkpoint on every plan is slow: remember it by (size, mtime) per file.
+        stat_key = hashlib.sha256()
+        for dirpath, dirnames, filenames in os.walk(path):
+            dirnames.sort()
+            for name in sorted(filenames):
+                st = (Path(dirpath) / name).stat()
+                stat_key.update(f"{dirpath}/{name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        memo = self.root / "fingerprints" / f"{stat_key.hexdigest()}.json"
+        try:
+            return str(json.loads(memo.read_text())["digest"])
+        except (OSError, ValueError, KeyError):
+            pass
+        digest = dir_digest(path)
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        memo.write_text(json.dumps({"path": str(path), "digest": digest}))
+        return digest
+
+    def _hf(self, parsed: ParsedUri) -> Path:
+        from huggingface_hub import snapshot_download
+
+        final = self.models_dir / f"hf-{parsed.target.replace('/', '--')}-{parsed.revision or 'main'}"
+        if read_manifest(final) is not None:
+            return final
+        staging = new_staging_dir(final)
+        try:
+            snapshot_download(repo_id=parsed.target, revision=parsed.revision, local_dir=staging)
+        except Exception as e:
+            raise UriError(
+                f"cannot download hf://{parsed.target}: {e}. Offline? Pre-download it and use its local path."
+            ) from e
+        publish(staging, final, {"uri": f"hf://{parsed.target}", "revision": parsed.revision})
+        return final
+
+    def _s3(self, parsed: ParsedUri) -> Path:
+        import boto3
+
+        bucket, _, prefix = parsed.target.partition("/")
+        safe = parsed.target.replace("/", "--")
+        final = self.models_dir / f"s3-{safe}"
+        if read_manifest(final) is not None:
+            return final
+        staging = new_staging_dir(final)
+        client = boto3.client("s3")
+        paginator = client.get_paginator("list_objects_v2")
+        count = 0
+        for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+            for obj in page.get("Contents", []):
+                key = obj["Key"]
+                rel = key[len(prefix) :].lstrip("/") if prefix else key
+                if not rel or rel.endswith("/") or rel == MANIFEST_NAME:
+                    continue
+                dest = staging / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                client.download_file(bucket, key, str(dest))
+                count += 1
+        if count == 0:
+            raise UriError(f"s3://{parsed.target}: no objects under that prefix")
+        publish(staging, final, {"uri": f"s3://{parsed.target}"})
+        return final

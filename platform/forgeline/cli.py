@@ -1,0 +1,382 @@
+"""The ``forgeline`` command: validate, plan, run, resume, status, runs, ui, schema.
+
+A thin layer: it parses arguments, calls the spec/plan/runtime/tracking services, and renders results.
+Workflow problems print as ``file:line:col: field: message`` and exit 1 without a traceback (``-v``
+shows one); a failed stage exits 1 with its error; Ctrl-C exits 130 after marking runs KILLED.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from forgeline.spec import LoadedWorkflow, WorkflowError, load_workflow, schema_json
+
+app = typer.Typer(
+    name="forgeline",
+    help="From a workflow YAML to a production LLM endpoint: fine-tune, compress, build, serve, promote.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+# Wide tables when piped (rich falls back to 80 columns without a terminal).
+out = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks.")]
+Home = Annotated[
+    Path | None,
+    typer.Option(
+        "--home", help="State directory (default ./.forgeline or FORGELINE_HOME).", show_default=False
+    ),
+]
+
+
+def _home(home: Path | None) -> Path:
+    from forgeline.tracking import default_home
+
+    return home.resolve() if home else default_home()
+
+
+def _fail(exc: BaseException, verbose: bool, code: int = 1) -> typer.Exit:
+    if verbose:
+        import traceback
+
+        traceback.print_exception(exc)
+    if isinstance(exc, WorkflowError):
+        for p in exc.problems:
+            err.print(str(p), markup=False, highlight=False)
+        n = len(exc.problems)
+        err.print(f"{n} problem{'s' if n != 1 else ''} found", style="red")
+    else:
+        err.print(f"error: {exc}", markup=False, highlight=False, style="red")
+    return typer.Exit(code)
+
+
+def _load(path: Path, verbose: bool) -> LoadedWorkflow:
+    try:
+        return load_workflow(path)
+    except WorkflowError as e:
+        raise _fail(e, verbose) from None
+
+
+@app.command()
+def validate(
+    files: Annotated[list[Path], typer.Argument(help="Workflow files.")],
+    verbose: Verbose = False,
+) -> None:
+    """Check workflow files: syntax, types, references, datasets, cycles. Exit 1 on any problem."""
+    problems: list[Any] = []
+    for f in files:
+        try:
+            loaded = load_workflow(f)
+            out.print(f"{f}: ok ({len(loaded.workflow.stages)} stages)", highlight=False)
+        except WorkflowError as e:
+            problems.extend(e.problems)
+    if problems:
+        raise _fail(WorkflowError(problems), verbose)
+
+
+@app.command()
+def plan(
+    file: Annotated[Path, typer.Argument(help="Workflow file.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    explain: Annotated[bool, typer.Option("--explain", help="Say why each stage would (not) run.")] = False,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Plan as if nothing were cached.")] = False,
+    home: Home = None,
+    verbose: Verbose = False,
+) -> None:
+    """Show the DAG, resources, memory/GPU-hour estimates, cache keys and what would run."""
+    from forgeline.plan import human_bytes, human_count
+    from forgeline.runtime import make_planner
+
+    loaded = _load(file, verbose)
+    try:
+        the_plan = make_planner(loaded, _home(home)).build(use_cache=not no_cache)
+    except Exception as e:
+        raise _fail(e, verbose) from None
+    if as_json:
+        print(json.dumps(the_plan.to_json(), indent=2))
+    else:
+        table = Table(title=f"{loaded.workflow.name} ({file})")
+        for col in (
+            "#",
+            "stage",
+            "kind",
+            "needs",
+            "cpus",
+            "gpus",
+            "params",
+            "mem/device",
+            "gpu-h",
+            "key",
+            "status",
+        ):
+            table.add_column(col, overflow="fold")
+        for i, sp in enumerate(the_plan.stages, 1):
+            kind = sp.kind + (f"/{sp.backend}" if sp.backend else "")
+            table.add_row(
+                str(i),
+                sp.name,
+                kind,
+                ",".join(sp.deps) or "-",
+                f"{sp.cpus:g}",
+                str(sp.gpus),
+                human_count(sp.shape.parameters) if sp.shape else "?",
+                human_bytes(sp.memory.per_device_bytes) if sp.memory else "-",
+                f"{sp.gpu_hours:.3g}" if sp.gpu_hours is not None else "-",
+                (sp.key or "")[:12] or "pending",
+                "[red]blocked[/]" if sp.problems else sp.status,
+            )
+        out.print(table)
+        if explain:
+            for sp in the_plan.stages:
+                out.print(f"[bold]{sp.name}[/]: {'; '.join(sp.reasons)}", highlight=False)
+                for w in sp.warnings:
+                    out.print(f"  warning: {w}", highlight=False)
+                if sp.memory and explain:
+                    parts = ", ".join(f"{k} {human_bytes(v)}" for k, v in sp.memory.parts.items())
+                    out.print(f"  memory: {parts}", highlight=False)
+    if the_plan.problems():
+        raise _fail(WorkflowError(the_plan.problems()), verbose)
+
+
+def _run(
+    file: Path,
+    home: Path | None,
+    ray_address: str | None,
+    no_cache: bool,
+    verbose: bool,
+    resume_run_id: str | None = None,
+    text: str | None = None,
+) -> None:
+    from forgeline.runtime import RaySettings, RunSettings, StageFailed, run_workflow
+    from forgeline.runtime._progress import Progress
+
+    try:
+        loaded = load_workflow(file, text=text)
+    except WorkflowError as e:
+        raise _fail(e, verbose) from None
+    settings = RunSettings(home=_home(home), ray=RaySettings(address=ray_address), use_cache=not no_cache)
+    progress = Progress([s.name for s in loaded.workflow.stages], console=err)
+    try:
+        with progress:
+            summary = run_workflow(loaded, settings, progress=progress, resume_run_id=resume_run_id)
+    except KeyboardInterrupt:
+        err.print("cancelled: running stages were cancelled and the MLflow runs marked KILLED", style="red")
+        raise typer.Exit(130) from None
+    except StageFailed as e:
+        s = e.summary
+        err.print(f"run {s.run_id} FAILED: {e}", style="red", markup=False)
+        err.print(f"resume after fixing: forgeline resume {s.run_id}", markup=False)
+        raise typer.Exit(1) from None
+    except Exception as e:
+        raise _fail(e, verbose) from None
+    _print_summary(summary, settings.home)
+
+
+def _print_summary(summary: Any, home: Path) -> None:
+    counts: dict[str, int] = {}
+    for o in summary.stages.values():
+        counts[o.state] = counts.get(o.state, 0) + 1
+    out.print(
+        f"[green]run {summary.run_id} {summary.state}[/]: "
+        + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())),
+        highlight=False,
+    )
+    for o in summary.stages.values():
+        if o.record is not None:
+            for name, value in o.record.outputs.items():
+                if value["type"] == "value":
+                    out.print(f"  {o.name}.{name} = {value['value']}", highlight=False)
+    out.print(f"  tracking: {summary.tracking_uri} (experiment {summary.experiment_id})", highlight=False)
+    home_flag = "" if home == _home(None) else f" --home {home}"
+    out.print(f"  stages:   forgeline status {summary.run_id}{home_flag}", highlight=False)
+    out.print(f"  MLflow UI: forgeline ui{home_flag}  ->  http://127.0.0.1:5000", highlight=False)
+
+
+RayAddress = Annotated[
+    str | None, typer.Option("--ray-address", help="Existing Ray cluster (default: embedded local Ray).")
+]
+NoCache = Annotated[bool, typer.Option("--no-cache", help="Rerun every stage.")]
+
+
+@app.command()
+def run(
+    file: Annotated[Path, typer.Argument(help="Workflow file.")],
+    ray_address: RayAddress = None,
+    no_cache: NoCache = False,
+    home: Home = None,
+    verbose: Verbose = False,
+) -> None:
+    """Run a workflow. Finished stages are reused (cache); a rerun continues where it stopped."""
+    _run(file, home, ray_address, no_cache, verbose)
+
+
+@app.command()
+def resume(
+    run_id: Annotated[str, typer.Argument(help="MLflow run id of the workflow run.")],
+    ray_address: RayAddress = None,
+    home: Home = None,
+    verbose: Verbose = False,
+) -> None:
+    """Continue a failed, killed or interrupted run in place, from its first unfinished stage."""
+    from forgeline.tracking import TAG_WORKFLOW_FILE, Tracker, resolve_settings
+
+    h = _home(home)
+    tracker = Tracker(resolve_settings(None, "", h).uri)
+    try:
+        parent = tracker.get_run(run_id)
+        path = Path(parent.data.tags[TAG_WORKFLOW_FILE])
+        local = tracker.client.download_artifacts(run_id, "workflow.yaml")
+        text = Path(local).read_text()
+    except Exception as e:
+        raise _fail(RuntimeError(f"cannot resume {run_id}: {e}"), verbose) from None
+    if parent.info.status == "FINISHED":
+        out.print(f"run {run_id} already FINISHED; nothing to resume")
+        return
+    _run(path, home, ray_address, False, verbose, resume_run_id=run_id, text=text)
+
+
+@app.command()
+def status(
+    run_id: Annotated[str | None, typer.Argument(help="Workflow run id (default: the latest).")] = None,
+    home: Home = None,
+    verbose: Verbose = False,
+) -> None:
+    """Stage table of a workflow run, read from MLflow."""
+    from forgeline.tracking import (
+        TAG_CACHE_KEY,
+        TAG_ERROR,
+        TAG_KIND,
+        TAG_STAGE,
+        TAG_STATE,
+        Tracker,
+        resolve_settings,
+    )
+
+    tracker = Tracker(resolve_settings(None, "", _home(home)).uri)
+    try:
+        if run_id is None:
+            runs = tracker.workflow_runs(tracker.experiment_ids(), max_results=1)
+            if not runs:
+                out.print("no runs yet")
+                return
+            run_id = runs[0].info.run_id
+        parent = tracker.get_run(run_id)
+        children = tracker.child_runs(parent.info.experiment_id, run_id)
+    except Exception as e:
+        raise _fail(e, verbose) from None
+    table = Table(title=f"{parent.info.run_name} {run_id} [{parent.info.status}]")
+    for col in ("stage", "kind", "state", "seconds", "key", "metrics / error"):
+        table.add_column(col, overflow="fold")
+    for c in children:
+        tags, metrics = c.data.tags, c.data.metrics
+        dur = ""
+        if c.info.end_time and c.info.start_time:
+            dur = f"{(c.info.end_time - c.info.start_time) / 1000:.1f}"
+        info = tags.get(TAG_ERROR) or ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())[:4])
+        table.add_row(
+            tags.get(TAG_STAGE, c.info.run_name),
+            tags.get(TAG_KIND, ""),
+            tags.get(TAG_STATE, c.info.status.lower()),
+            dur,
+            tags.get(TAG_CACHE_KEY, "")[:12],
+            info,
+        )
+    out.print(table)
+
+
+@app.command()
+def runs(
+    limit: Annotated[int, typer.Option(help="How many.")] = 20,
+    home: Home = None,
+) -> None:
+    """List workflow runs, newest first."""
+    import datetime
+
+    from forgeline.tracking import TAG_STATE, TAG_WORKFLOW, Tracker, resolve_settings
+
+    tracker = Tracker(resolve_settings(None, "", _home(home)).uri)
+    table = Table()
+    for col in ("run id", "workflow", "status", "state", "started"):
+        table.add_column(col)
+    for r in tracker.workflow_runs(tracker.experiment_ids(), max_results=limit):
+        started = datetime.datetime.fromtimestamp(r.info.start_time / 1000).strftime("%Y-%m-%d %H:%M:%S")
+        table.add_row(
+            r.info.run_id,
+            r.data.tags.get(TAG_WORKFLOW, ""),
+            r.info.status,
+            r.data.tags.get(TAG_STATE, ""),
+            started,
+        )
+    out.print(table)
+
+
+@app.command()
+def ui(
+    port: Annotated[int, typer.Option(help="Port.")] = 5000,
+    host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
+    home: Home = None,
+) -> None:
+    """Start the MLflow UI on the embedded store."""
+    from forgeline.tracking import resolve_settings
+
+    settings = resolve_settings(None, "", _home(home))
+    mlflow = shutil.which("mlflow") or str(Path(sys.executable).parent / "mlflow")
+    cmd = [
+        mlflow,
+        "ui",
+        "--backend-store-uri",
+        settings.uri,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    out.print(f"MLflow UI on http://{host}:{port} (store {settings.uri}); Ctrl-C stops it", highlight=False)
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    try:
+        raise typer.Exit(subprocess.call(cmd, env=env))
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
+
+
+@app.command()
+def schema(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write.")] = Path(
+        "workflows/schema.json"
+    ),
+    check: Annotated[bool, typer.Option("--check", help="Exit 1 if the file is stale.")] = False,
+) -> None:
+    """Write the workflow JSON Schema (for editors); --check verifies it is current."""
+    text = schema_json()
+    if check:
+        current = output.read_text() if output.exists() else ""
+        if current != text:
+            err.print(f"{output} is stale: run `forgeline schema`")
+            raise typer.Exit(1)
+        out.print(f"{output} is current")
+        return
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(text)
+    out.print(f"wrote {output}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,241 @@
+"""Memory and compute estimates per stage, using the standard accounting.
+
+Per GPU (or per CPU worker), for a model of N parameters:
+
+* full fine-tune with Adam: 16 bytes/param (2 weights + 2 grads + 4 fp32 master + 8 Adam moments in
+  mixed precision; 4 + 4 + 8 in fp32),
+* LoRA: the frozen weights (2 bytes/param in bf16, 4 in fp32) + 16 bytes per adapter parameter,
+* QLoRA: 0.5 bytes/param (NF4) + quantization constants (0.127 bits/param with double quantization,
+  0.5 bits without) + adapters,
+* DPO: the above for the policy + a frozen reference (none extra when the reference is the base under
+  the policy's LoRA adapters),
+* activations: s*b*h*(34 + 5*a*s/h) bytes per layer in 16-bit (Korthikanti et al., 2022), doubled in
+  fp32, 2*s*b*h per layer with activation checkpointing; preference data doubles the sequences.
+
+Weights, gradients and optimizer states divide by tp*pp; activations by tp (1F1B keeps about one
+micro-batch of every layer in flight on the first pipeline stage). Compute: 6*N FLOPs per token for
+full training, 4*N for adapters (no weight gradients of the frozen base), plus 2*N per token for a DPO
+reference forward; GPU-hours at the declared peak TFLOP/s and MFU.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+GiB = 1024**3
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the estimates need to know about a model; dims are None when only N is known."""
+
+    parameters: int
+    hidden: int | None = None
+    layers: int | None = None
+    heads: int | None = None
+    kv_heads: int | None = None
+    intermediate: int | None = None
+    vocab: int | None = None
+    source: str = "unknown"  # where the numbers came from: config.json | builtin | declared | name
+
+    def hidden_or_guess(self) -> int:
+        # Llama-family shapes satisfy N ~ 12*L*h^2 with L ~ h/128: h ~ (N*128/12)^(1/3).
+        return self.hidden or max(64, round((self.parameters * 128 / 12) ** (1 / 3)))
+
+    def layers_or_guess(self) -> int:
+        return self.layers or max(1, self.hidden_or_guess() // 128)
+
+    def heads_or_guess(self) -> int:
+        return self.heads or max(1, self.hidden_or_guess() // 128)
+
+
+def shape_from_config(config: dict[str, Any], source: str = "config.json") -> ModelShape:
+    h = int(config["hidden_size"])
+    L = int(config["num_hidden_layers"])
+    nh = int(config["num_attention_heads"])
+    nkv = int(config.get("num_key_value_heads") or nh)
+    inter = int(config["intermediate_size"])
+    vocab = int(config["vocab_size"])
+    hd = int(config.get("head_dim") or h // nh)
+    attn = h * nh * hd + 2 * h * nkv * hd + nh * hd * h
+    per_layer = attn + 3 * h * inter + 2 * h
+    tied = bool(config.get("tie_word_embeddings", False))
+    total = vocab * h + L * per_layer + h + (0 if tied else vocab * h)
+    return ModelShape(total, h, L, nh, nkv, inter, vocab, source)
+
+
+def shape_from_dir(path: Path) -> ModelShape | None:
+    try:
+        return shape_from_config(json.loads((path / "config.json").read_text()))
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+_SIZE_IN_NAME = re.compile(r"(?<![0-9.])(\d+(?:\.\d+)?)\s*([bBmM])(?![a-zA-Z])")
+
+
+def shape_from_name(name: str) -> ModelShape | None:
+    """``meta-llama/Llama-3.1-8B-Instruct`` -> 8e9 parameters (a fallback for remote models)."""
+    m = _SIZE_IN_NAME.search(name)
+    if not m:
+        return None
+    scale = 1e9 if m.group(2) in "bB" else 1e6
+    return ModelShape(int(float(m.group(1)) * scale), source="name")
+
+
+def lora_params(shape: ModelShape, r: int, target_modules: list[str] | str) -> int:
+    h = shape.hidden_or_guess()
+    L = shape.layers_or_guess()
+    if shape.heads and shape.intermediate:
+        nh, nkv = shape.heads, shape.kv_heads or shape.heads
+        hd = h // nh
+        inter = shape.intermediate
+        dims = {
+            "q_proj": (h, nh * hd),
+            "k_proj": (h, nkv * hd),
+            "v_proj": (h, nkv * hd),
+            "o_proj": (nh * hd, h),
+            "gate_proj": (h, inter),
+            "up_proj": (h, inter),
+            "down_proj": (inter, h),
+        }
+        names = list(dims) if target_modules == "all-linear" else [m for m in target_modules if m in dims]
+        return L * sum(r * (dims[n][0] + dims[n][1]) for n in names)
+    # Without dims: each square-ish W of N_W params gets r*(in+out) ~ N_W * 2r/h.
+    return int(shape.parameters * 2 * r / h)
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per device (GPU, or CPU worker) with its parts, for plan tables and fit checks."""
+
+    per_device_bytes: int
+    parts: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def per_device_gb(self) -> float:
+        return self.per_device_bytes / GiB
+
+
+def finetune_memory(
+    shape: ModelShape,
+    method: str,
+    *,
+    precision: str,
+    lora_r: int | None,
+    lora_targets: list[str] | str,
+    lora_for_dpo: bool,
+    double_quant: bool,
+    seq_len: int,
+    micro_batch: int,
+    gradient_checkpointing: bool,
+    tp: int,
+    pp: int,
+) -> MemoryEstimate:
+    n = shape.parameters
+    wbytes = 4 if precision == "fp32" else 2
+    parts: dict[str, int] = {}
+    notes: list[str] = []
+    adapter = method in ("lora", "qlora") or (method == "dpo" and lora_for_dpo)
+    if adapter:
+        a = lora_params(shape, lora_r or 8, lora_targets)
+        if method == "qlora":
+            const_bits = 0.127 if double_quant else 0.5
+            parts["weights (nf4)"] = int(n * 0.5)
+            parts["quant constants"] = int(n * const_bits / 8)
+        else:
+            parts["weights (frozen)"] = n * wbytes
+        parts["adapters + grads + adam"] = a * 16
+    else:
+        parts["weights + grads + adam"] = n * 16
+        if method == "dpo":
+            parts["reference model"] = n * wbytes
+    model_split = tp * pp
+    for k in list(parts):
+        parts[k] = parts[k] // model_split
+    h = shape.hidden_or_guess()
+    L = shape.layers_or_guess()
+    a_heads = shape.heads_or_guess()
+    seqs = micro_batch * (2 if method == "dpo" else 1)
+    s = seq_len
+    if gradient_checkpointing:
+        act_per_layer = 2 * s * seqs * h
+        act = act_per_layer * L + int(s * seqs * h * (34 + 5 * a_heads * s / h))
+    else:
+        act = int(L * s * seqs * h * (34 + 5 * a_heads * s / h))
+    if precision == "fp32":
+        act *= 2
+    parts["activations"] = act // tp
+    if shape.vocab:
+        # Logits (and their gradient) for the whole micro-batch, fp32.
+        parts["logits"] = 2 * 4 * s * seqs * shape.vocab // tp
+    if shape.source in ("name", "declared", "unknown") and shape.hidden is None:
+        notes.append("model dims guessed from the parameter count")
+    return MemoryEstimate(sum(parts.values()), parts, notes)
+
+
+def inference_memory(shape: ModelShape, precision: str, seq_len: int, batch: int) -> MemoryEstimate:
+    wbytes = 4 if precision == "fp32" else 2
+    parts = {"weights": shape.parameters * wbytes}
+    h = shape.hidden_or_guess()
+    L = shape.layers_or_guess()
+    parts["kv cache"] = 2 * L * seq_len * batch * h * wbytes
+    if shape.vocab:
+        parts["logits"] = 4 * seq_len * batch * shape.vocab
+    return MemoryEstimate(sum(parts.values()), parts)
+
+
+def training_flops(parameters: int, tokens: int, method: str, adapter: bool) -> float:
+    per_token = (4 if adapter else 6) * parameters
+    if method == "dpo":
+        per_token += 2 * parameters  # frozen reference forward
+    return float(per_token) * tokens
+
+
+def gpu_hours(flops: float, tflops: float, mfu: float) -> float:
+    return flops / (tflops * 1e12 * mfu) / 3600
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def human_count(n: float) -> str:
+    if n >= 1e9:
+        return f"{n / 1e9:.1f}B"
+    if n >= 1e6:
+        return f"{n / 1e6:.1f}M"
+    if n >= 1e3:
+        return f"{n / 1e3:.1f}K"
+    return str(int(n))
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b) if b else a
+
+
+__all__ = [
+    "GiB",
+    "MemoryEstimate",
+    "ModelShape",
+    "ceil_div",
+    "finetune_memory",
+    "gpu_hours",
+    "human_bytes",
+    "human_count",
+    "inference_memory",
+    "lora_params",
+    "shape_from_config",
+    "shape_from_dir",
+    "shape_from_name",
+    "training_flops",
+]

@@ -1,0 +1,451 @@
+"""The plan: a workflow as a DAG of stages in topological order, each with its operator, resources,
+estimates, cache key and cache status, and every problem that must stop the run before it starts
+(operator not installed, a GPU-only option on CPU, a parallel layout the backend cannot do, a model
+that does not fit the declared GPUs).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from forgeline.artifacts import ModelStore, StageRecord, StageStore, UriError, parse_uri, sha256_file
+from forgeline.plan._estimates import (
+    GiB,
+    MemoryEstimate,
+    ModelShape,
+    finetune_memory,
+    gpu_hours,
+    inference_memory,
+    shape_from_dir,
+    shape_from_name,
+    training_flops,
+)
+from forgeline.plan._keys import KeyInputs, diff_components, stage_params
+from forgeline.registry import OperatorRegistry, OperatorSpec
+from forgeline.spec import (
+    BASE_MODEL_REF,
+    BuildStage,
+    EvaluateStage,
+    FinetuneStage,
+    LoadedWorkflow,
+    Problem,
+    QuantizeStage,
+    StageBase,
+    Workflow,
+    parse_ref,
+)
+
+
+@dataclass
+class StagePlan:
+    name: str
+    kind: str
+    backend: str | None
+    index: int  # position in the YAML
+    deps: list[str]
+    operator: OperatorSpec | None
+    cpus: float
+    gpus: int
+    shape: ModelShape | None = None
+    memory: MemoryEstimate | None = None
+    tokens: int | None = None
+    flops: float | None = None
+    gpu_hours: float | None = None
+    key_inputs: KeyInputs | None = None
+    key: str | None = None
+    cached: StageRecord | None = None
+    reasons: list[str] = field(default_factory=list)  # why it would (not) run
+    problems: list[Problem] = field(default_factory=list)  # block the run
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def status(self) -> str:
+        if self.cached is not None:
+            return "cached"
+        return "run"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "backend": self.backend,
+            "deps": self.deps,
+            "operator": None
+            if self.operator is None
+            else {"entrypoint": self.operator.entrypoint, "version": self.operator.version},
+            "resources": {"cpus": self.cpus, "gpus": self.gpus},
+            "parameters": self.shape.parameters if self.shape else None,
+            "memory_per_device_bytes": self.memory.per_device_bytes if self.memory else None,
+            "memory_parts": self.memory.parts if self.memory else None,
+            "tokens": self.tokens,
+            "flops": self.flops,
+            "gpu_hours": self.gpu_hours,
+            "key": self.key,
+            "status": self.status,
+            "reasons": self.reasons,
+            "problems": [str(p) for p in self.problems],
+            "warnings": self.warnings,
+        }
+
+
+@dataclass
+class Plan:
+    loaded: LoadedWorkflow
+    stages: list[StagePlan]  # topological order
+    dataset_sha: dict[str, str]
+
+    @property
+    def workflow(self) -> Workflow:
+        return self.loaded.workflow
+
+    def stage(self, name: str) -> StagePlan:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def problems(self) -> list[Problem]:
+        return [p for s in self.stages for p in s.problems]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "workflow": self.workflow.name,
+            "file": str(self.loaded.path),
+            "datasets": self.dataset_sha,
+            "stages": [s.to_json() for s in self.stages],
+            "problems": [str(p) for p in self.problems()],
+        }
+
+
+def topological_order(workflow: Workflow) -> list[str]:
+    """Kahn's algorithm; ties broken by declaration order so plans are stable."""
+    names = [s.name for s in workflow.stages]
+    deps = {n: workflow.dependencies(n) for n in names}
+    remaining = {n: set(d) for n, d in deps.items()}
+    order: list[str] = []
+    while remaining:
+        ready = [n for n in names if n in remaining and not remaining[n]]
+        if not ready:
+            raise ValueError(f"dependency cycle among: {', '.join(sorted(remaining))}")
+        n = ready[0]
+        order.append(n)
+        del remaining[n]
+        for other in remaining.values():
+            other.discard(n)
+    return order
+
+
+class Planner:
+    """Builds plans and computes keys; the runtime reuses it to key stages as upstreams finish."""
+
+    def __init__(
+        self, loaded: LoadedWorkflow, registry: OperatorRegistry, models: ModelStore, store: StageStore
+    ) -> None:
+        self.loaded = loaded
+        self.workflow = loaded.workflow
+        self.registry = registry
+        self.models = models
+        self.store = store
+        self.dataset_sha = {
+            name: sha256_file(loaded.dataset_path(name)) for name in sorted(self.workflow.data)
+        }
+        self._fingerprints: dict[str, str] = {}
+        self._shapes: dict[str, ModelShape | None] = {}
+
+    # -------------------------------------------------------------- keys
+    def fingerprint(self, uri: str) -> str:
+        if uri not in self._fingerprints:
+            self._fingerprints[uri] = self.models.fingerprint(uri, self.loaded.base_dir)
+        return self._fingerprints[uri]
+
+    def key_inputs(self, stage: StageBase, records: dict[str, StageRecord]) -> KeyInputs | None:
+        """All key components, or None while an upstream output is not yet known."""
+        op = self.registry.operator(_kind(stage), stage.backend_name())
+        ki = KeyInputs(
+            kind=_kind(stage),
+            backend=stage.backend_name(),
+            operator_version=op.version if op else "not-installed",
+            params=stage_params(stage),
+        )
+        for fpath, ds in stage.dataset_refs().items():
+            ki.datasets[fpath] = self.dataset_sha.get(ds, "missing")
+        refs = stage.refs()
+        ref_stages = set()
+        for fpath, ref in refs.items():
+            parsed = parse_ref(ref)
+            if parsed is None:
+                ki.models[fpath] = self.fingerprint(ref)
+            elif parsed[0] == "model":
+                ki.models[fpath] = self.fingerprint(self.workflow.model.base)
+            else:
+                up, out = parsed
+                ref_stages.add(up)
+                rec = records.get(up)
+                if rec is None:
+                    return None
+                ki.upstream[fpath] = rec.output_digest(out or "") or "missing"
+        for dep in self.workflow.dependencies(stage.name):
+            if dep in ref_stages:
+                continue
+            rec = records.get(dep)
+            if rec is None:
+                return None
+            ki.upstream[f"after:{dep}"] = rec.digest
+        return ki
+
+    # -------------------------------------------------------------- plan
+    def build(self, use_cache: bool = True) -> Plan:
+        order = topological_order(self.workflow)
+        index = {s.name: i for i, s in enumerate(self.workflow.stages)}
+        records: dict[str, StageRecord] = {}
+        plans: list[StagePlan] = []
+        host_mem = _host_memory_bytes(self.workflow)
+        for name in order:
+            stage = self.workflow.stage(name)
+            i = index[name]
+            sp = self._stage_plan(stage, i)
+            self._estimate(stage, sp)
+            self._check(stage, sp, host_mem)
+            ki = None
+            try:
+                ki = self.key_inputs(stage, records)
+            except UriError as e:
+                sp.problems.append(self.loaded.source.problem(f"stages[{i}]", str(e)))
+            if ki is not None:
+                sp.key_inputs = ki
+                sp.key = ki.key()
+                rec = self.store.lookup(sp.key) if (use_cache and stage.cache) else None
+                if rec is not None:
+                    sp.cached = rec
+                    records[name] = rec
+                    sp.reasons.append(f"cached (key {sp.key[:12]})")
+                else:
+                    sp.reasons.extend(self._why_run(stage, sp, ki, use_cache))
+            else:
+                waiting = [d for d in sp.deps if d not in records]
+                sp.reasons.append(f"runs after {', '.join(waiting)} (their outputs are part of its key)")
+            plans.append(sp)
+        return Plan(self.loaded, plans, dict(self.dataset_sha))
+
+    def _why_run(self, stage: StageBase, sp: StagePlan, ki: KeyInputs, use_cache: bool) -> list[str]:
+        if not stage.cache:
+            return ["cache: false"]
+        if not use_cache:
+            return ["--no-cache"]
+        last = self.store.last(self.workflow.name, stage.name)
+        if last is None:
+            return [f"never ran (key {sp.key[:12] if sp.key else '?'})"]
+        if last["key"] == sp.key:
+            return ["its last result is gone from the store"]
+        return diff_components(last.get("components", {}), ki.components()) or ["key changed"]
+
+    def _stage_plan(self, stage: StageBase, i: int) -> StagePlan:
+        kind = _kind(stage)
+        backend = stage.backend_name()
+        res = self.workflow.resources
+        gpus = 0
+        if res.device == "gpu":
+            if isinstance(stage, FinetuneStage):
+                gpus = stage.parallelism.world_size
+            elif isinstance(stage, BuildStage) and stage.engine == "tensorrt-llm":
+                t = stage.tensorrt_llm
+                gpus = (t.tp * t.pp) if t else 1
+            elif isinstance(stage, QuantizeStage | EvaluateStage):
+                gpus = 1
+        if stage.resources and stage.resources.gpus is not None:
+            gpus = stage.resources.gpus
+        cpus = (
+            stage.resources.cpus if stage.resources and stage.resources.cpus else None
+        ) or res.cpus_per_stage
+        return StagePlan(
+            name=stage.name,
+            kind=kind,
+            backend=backend,
+            index=i,
+            deps=self.workflow.dependencies(stage.name),
+            operator=self.registry.operator(kind, backend),
+            cpus=cpus,
+            gpus=gpus,
+        )
+
+    # --------------------------------------------------------- estimates
+    def shape_of(self, ref: str) -> ModelShape | None:
+        """The shape of the model a Ref denotes (stage outputs inherit their input's shape)."""
+        if ref in self._shapes:
+            return self._shapes[ref]
+        parsed = parse_ref(ref)
+        shape: ModelShape | None
+        if parsed is None:
+            shape = self._shape_of_uri(ref)
+        elif parsed[0] == "model":
+            shape = self._shape_of_uri(self.workflow.model.base)
+            if self.workflow.model.parameters:
+                shape = (
+                    ModelShape(self.workflow.model.parameters, source="declared") if shape is None else shape
+                )
+        else:
+            up = self.workflow.stage(parsed[0])
+            inputs = up.refs()
+            first = next(iter(inputs.values()), None)
+            shape = self.shape_of(first) if first else None
+        self._shapes[ref] = shape
+        return shape
+
+    def _shape_of_uri(self, uri: str) -> ModelShape | None:
+        try:
+            parsed = parse_uri(uri, self.loaded.base_dir)
+        except UriError:
+            return None
+        if parsed.scheme == "builtin":
+            src = self.registry.model(parsed.target)
+            return ModelShape(src.parameters, source="builtin") if src else None
+        if parsed.scheme == "local":
+            return shape_from_dir(Path(parsed.target))
+        return shape_from_name(parsed.target)
+
+    def _estimate(self, stage: StageBase, sp: StagePlan) -> None:
+        refs = stage.refs()
+        first = next(iter(refs.values()), None)
+        shape = self.shape_of(first) if first else None
+        sp.shape = shape
+        if shape is None:
+            if first is not None:
+                sp.warnings.append("model size unknown: set model.parameters for estimates")
+            return
+        res = self.workflow.resources
+        if isinstance(stage, FinetuneStage):
+            t = stage.training
+            par = stage.parallelism
+            sp.memory = finetune_memory(
+                shape,
+                stage.method,
+                precision=t.precision,
+                lora_r=stage.lora.r if stage.lora else None,
+                lora_targets=stage.lora.target_modules if stage.lora else "all-linear",
+                lora_for_dpo=stage.lora is not None,
+                double_quant=stage.qlora.double_quant if stage.qlora else True,
+                seq_len=t.max_seq_len,
+                micro_batch=t.micro_batch_size,
+                gradient_checkpointing=t.gradient_checkpointing,
+                tp=par.tp,
+                pp=par.pp,
+            )
+            rows, nbytes = _dataset_size(self.loaded.dataset_path(stage.dataset))
+            per_row = min(t.max_seq_len, max(1, nbytes // max(rows, 1) // 4))  # ~4 bytes per token
+            tokens = int(rows * per_row * t.epochs)
+            if t.max_steps:
+                tokens = min(tokens, t.max_steps * t.micro_batch_size * t.grad_accum * par.dp * per_row)
+            sp.tokens = tokens
+            sp.flops = training_flops(shape.parameters, tokens, stage.method, stage.uses_adapter)
+            sp.gpu_hours = gpu_hours(sp.flops, res.gpu_tflops, res.mfu)
+        elif isinstance(stage, EvaluateStage):
+            precision = "fp32" if res.device == "cpu" else "bf16"
+            sp.memory = inference_memory(shape, precision, stage.max_seq_len, stage.batch_size)
+        elif isinstance(stage, QuantizeStage):
+            seq = stage.calibration.max_seq_len if stage.calibration else 256
+            sp.memory = inference_memory(shape, "fp32" if res.device == "cpu" else "bf16", seq, 1)
+
+    def _check(self, stage: StageBase, sp: StagePlan, host_mem: int) -> None:
+        at = f"stages[{sp.index}]"
+        src = self.loaded.source
+        res = self.workflow.resources
+        op = sp.operator
+        if op is None:
+            installed = sorted(
+                {f"{o.kind}" + (f"/{o.backend}" if o.backend else "") for o in self.registry.operators()}
+            )
+            what = f"kind {sp.kind!r}" + (f" with backend {sp.backend!r}" if sp.backend else "")
+            sp.problems.append(
+                src.problem(
+                    f"{at}.kind",
+                    f"operator not installed for {what}",
+                    f"installed: {', '.join(installed) or 'none'}",
+                )
+            )
+            return
+        caps = op.capabilities
+        if res.device == "cpu" and caps.requires_gpu:
+            sp.problems.append(
+                src.problem(
+                    f"{at}.kind", f"{sp.kind} ({sp.backend}) needs a GPU", "set resources.device: gpu"
+                )
+            )
+        if res.device == "gpu" and not caps.gpu:
+            sp.problems.append(src.problem(f"{at}.kind", f"{sp.kind} ({sp.backend}) does not run on GPUs"))
+        if isinstance(stage, QuantizeStage) and res.device == "cpu" and stage.format in caps.gpu_only_options:
+            sp.problems.append(
+                src.problem(
+                    f"{at}.format", f"format {stage.format!r} needs CUDA", "set resources.device: gpu"
+                )
+            )
+        if isinstance(stage, FinetuneStage):
+            par = stage.parallelism
+            for degree, ok, label in (
+                (par.tp, caps.tensor_parallel, "tp"),
+                (par.pp, caps.pipeline_parallel, "pp"),
+                (par.dp, caps.data_parallel, "dp"),
+            ):
+                if degree > 1 and not ok:
+                    sp.problems.append(
+                        src.problem(
+                            f"{at}.parallelism.{label}",
+                            f"backend {stage.backend!r} does not support {label} > 1",
+                            "use backend: megatron (or nemo) for tensor/pipeline parallelism"
+                            if label in ("tp", "pp")
+                            else None,
+                        )
+                    )
+        if sp.memory is not None:
+            need = sp.memory.per_device_bytes
+            if sp.gpus > 0 and need > res.gpu_memory_gb * GiB:
+                sp.problems.append(
+                    src.problem(
+                        at,
+                        f"needs ~{need / GiB:.1f} GiB per GPU, more than gpu_memory_gb={res.gpu_memory_gb:g}",
+                        "use qlora/lora, gradient_checkpointing, a smaller micro_batch_size or more tp/pp",
+                    )
+                )
+            elif sp.gpus == 0 and need > host_mem:
+                sp.problems.append(
+                    src.problem(
+                        at, f"needs ~{need / GiB:.1f} GiB of host memory; {host_mem / GiB:.1f} GiB available"
+                    )
+                )
+
+
+def _host_memory_bytes(workflow: Workflow) -> int:
+    if workflow.resources.memory_gb:
+        return int(workflow.resources.memory_gb * GiB)
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 16 * GiB
+
+
+def _dataset_size(path: Path) -> tuple[int, int]:
+    rows = 0
+    with open(path, "rb") as f:
+        for line in f:
+            if line.strip():
+                rows += 1
+    return rows, path.stat().st_size
+
+
+def _kind(stage: StageBase) -> str:
+    return str(getattr(stage, "kind"))  # noqa: B009 - every concrete stage has a Literal kind
+
+
+def build_plan(
+    loaded: LoadedWorkflow,
+    registry: OperatorRegistry,
+    models: ModelStore,
+    store: StageStore,
+    use_cache: bool = True,
+) -> Plan:
+    return Planner(loaded, registry, models, store).build(use_cache=use_cache)
+
+
+__all__ = ["BASE_MODEL_REF", "Plan", "Planner", "StagePlan", "build_plan", "topological_order"]

@@ -1,0 +1,116 @@
+"""Registries of operators and built-in model sources: plain objects that tests can swap.
+
+An operator is declared by an :class:`OperatorSpec` — data only (kind, backend, version,
+capabilities, and the dotted path of its ``run(ctx)`` entrypoint), so ``plan`` can check
+capabilities without importing torch. Built-in models (``builtin://NAME``) are declared by a
+:class:`ModelSource`. Both are discovered through entry points (``forgeline.operators`` returning
+a list of specs, ``forgeline.models`` naming a ``ModelSource``), so third-party packages plug in the
+same way the shipped ``forgeline_operators`` do.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "Capabilities",
+    "ModelSource",
+    "OperatorRegistry",
+    "OperatorSpec",
+    "default_registry",
+]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What an operator can do, checked by ``plan`` before anything runs."""
+
+    cpu: bool = True
+    gpu: bool = False
+    requires_gpu: bool = False
+    tensor_parallel: bool = False
+    pipeline_parallel: bool = False
+    data_parallel: bool = False
+    # Option values (e.g. quantization formats) that only run with CUDA.
+    gpu_only_options: frozenset[str] = field(default_factory=frozenset)
+
+
+@dataclass(frozen=True)
+class OperatorSpec:
+    """One installed operator: ``kind`` (and ``backend`` where a kind has several)."""
+
+    kind: str
+    entrypoint: str  # "package.module:function", imported lazily in the worker
+    version: str
+    backend: str | None = None
+    capabilities: Capabilities = field(default_factory=Capabilities)
+    description: str = ""
+
+    def load(self) -> Callable[..., Any]:
+        module_name, _, attr = self.entrypoint.partition(":")
+        module = importlib.import_module(module_name)
+        fn: Callable[..., Any] = getattr(module, attr)
+        return fn
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A built-in model, ``builtin://<name>``: created offline, deterministically."""
+
+    name: str
+    fingerprint: Callable[[], str]  # sha256 hex of what materialize writes; cheap, no torch import
+    materialize: Callable[[Path], None]  # writes an HF checkpoint directory (weights + tokenizer)
+    parameters: int  # parameter count, for plan's memory estimates
+    description: str = ""
+
+
+class OperatorRegistry:
+    """Operators by (kind, backend) and model sources by name."""
+
+    def __init__(self, operators: Iterable[OperatorSpec] = (), models: Iterable[ModelSource] = ()) -> None:
+        self._ops: dict[tuple[str, str | None], OperatorSpec] = {}
+        self._models: dict[str, ModelSource] = {}
+        for op in operators:
+            self.add_operator(op)
+        for m in models:
+            self.add_model(m)
+
+    def add_operator(self, op: OperatorSpec) -> None:
+        self._ops[(op.kind, op.backend)] = op
+
+    def add_model(self, source: ModelSource) -> None:
+        self._models[source.name] = source
+
+    def operator(self, kind: str, backend: str | None = None) -> OperatorSpec | None:
+        return self._ops.get((kind, backend)) or (self._ops.get((kind, None)) if backend is None else None)
+
+    def operators(self) -> list[OperatorSpec]:
+        return list(self._ops.values())
+
+    def model(self, name: str) -> ModelSource | None:
+        return self._models.get(name)
+
+    def models(self) -> list[ModelSource]:
+        return list(self._models.values())
+
+
+_default: OperatorRegistry | None = None
+
+
+def default_registry() -> OperatorRegistry:
+    """The registry built from installed entry points (cached for the process)."""
+    global _default
+    if _default is None:
+        reg = OperatorRegistry()
+        for ep in entry_points(group="forgeline.operators"):
+            for op in ep.load()():
+                reg.add_operator(op)
+        for ep in entry_points(group="forgeline.models"):
+            reg.add_model(ep.load())
+        _default = reg
+    return _default

@@ -1,0 +1,56 @@
+"""The workflow spec: typed models, YAML loading with positions, located errors, JSON Schema export.
+
+Everything a user writes in a workflow file is parsed here, once, into frozen pydantic models; every
+problem is reported at once as ``file:line:col: field: message``. Nothing here imports Ray, MLflow or
+torch, so ``forgeline validate`` is instant.
+"""
+
+from forgeline.spec._errors import Problem, WorkflowError, did_you_mean
+from forgeline.spec._loader import LoadedWorkflow, SourceMap, load_workflow
+from forgeline.spec._models import (
+    BASE_MODEL_REF,
+    STAGE_CLASSES,
+    BuildStage,
+    DatasetSpec,
+    DeployStage,
+    EvaluateStage,
+    FinetuneStage,
+    ModelSpec,
+    PromoteStage,
+    QuantizeStage,
+    RegisterStage,
+    ServeStage,
+    Stage,
+    StageBase,
+    Workflow,
+    output_ref,
+    parse_ref,
+)
+from forgeline.spec._schema import schema_json
+
+__all__ = [
+    "BASE_MODEL_REF",
+    "STAGE_CLASSES",
+    "BuildStage",
+    "DatasetSpec",
+    "DeployStage",
+    "EvaluateStage",
+    "FinetuneStage",
+    "LoadedWorkflow",
+    "ModelSpec",
+    "Problem",
+    "PromoteStage",
+    "QuantizeStage",
+    "RegisterStage",
+    "ServeStage",
+    "SourceMap",
+    "Stage",
+    "StageBase",
+    "Workflow",
+    "WorkflowError",
+    "did_you_mean",
+    "load_workflow",
+    "output_ref",
+    "parse_ref",
+    "schema_json",
+]

@@ -1,0 +1,585 @@
+"""The workflow spec: typed pydantic models that are the single source of truth for workflow YAML.
+
+Every model forbids unknown keys and describes every field (the descriptions feed the JSON Schema in
+``workflows/schema.json`` and the reference docs). Stages are a discriminated union on ``kind``; each
+stage kind declares the names of its outputs and its primary output, so references such as
+``${stages.sft.outputs.merged}`` are checked before anything runs.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.json_schema import SkipJsonSchema
+
+REF_PATTERN = re.compile(r"^\$\{\s*(?:(model)|stages\.([A-Za-z0-9_-]+)\.outputs\.([A-Za-z0-9_]+))\s*\}$")
+NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,62}$"
+BASE_MODEL_REF = "${model}"
+
+Ref = Annotated[
+    str,
+    Field(
+        description=(
+            "A reference to an earlier stage's output (`${stages.NAME.outputs.KEY}`), the workflow's "
+            "base model (`${model}`), or a model URI (local path, `hf://`, `s3://`, "
+            "`mlflow://models/NAME@ALIAS`, `builtin://NAME`)."
+        ),
+        min_length=1,
+    ),
+]
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+
+# ---------------------------------------------------------------------------------------------- top
+
+
+class ModelSpec(StrictModel):
+    base: str = Field(
+        description=(
+            "Base model URI: a local directory, `hf://ORG/NAME[@REVISION]`, `s3://BUCKET/PREFIX`, "
+            "`mlflow://models/NAME@ALIAS` (or `/VERSION`), or `builtin://tiny-llama`."
+        ),
+        min_length=1,
+    )
+    parameters: int | None = Field(
+        default=None,
+        gt=0,
+        description="Parameter count, for plan estimates when it cannot be read from a local config.json.",
+    )
+
+
+class DatasetSpec(StrictModel):
+    path: str = Field(description="Path of a JSON-lines file, relative to the workflow file.", min_length=1)
+    format: Literal["sft", "preference", "text"] = Field(
+        description=(
+            "`sft`: {prompt, completion} or chat {messages}; `preference`: {prompt, chosen, rejected}; "
+            "`text`: {text}."
+        )
+    )
+
+
+class TrackingSpec(StrictModel):
+    uri: str | None = Field(
+        default=None,
+        description=(
+            "MLflow tracking URI. Default: `sqlite:///<project>/.forgeline/mlflow.db`; "
+            "the MLFLOW_TRACKING_URI environment variable overrides."
+        ),
+    )
+    experiment: str | None = Field(
+        default=None, description="MLflow experiment name (default: the workflow name)."
+    )
+
+
+class ResourcesSpec(StrictModel):
+    device: Literal["cpu", "gpu"] = Field(
+        default="cpu", description="Where stages run: `cpu` (embedded default) or `gpu` nodes."
+    )
+    cpus_per_stage: float = Field(default=1, gt=0, description="Ray CPUs reserved for each stage.")
+    gpu_memory_gb: float = Field(
+        default=80, gt=0, description="Memory of one GPU, for the plan's fits-on-GPU check."
+    )
+    gpu_tflops: float = Field(
+        default=989, gt=0, description="Dense bf16 peak TFLOP/s of one GPU, for GPU-hour estimates."
+    )
+    mfu: float = Field(
+        default=0.4, gt=0, le=1, description="Assumed model FLOP utilisation for GPU-hour estimates."
+    )
+    memory_gb: float | None = Field(
+        default=None, gt=0, description="Host memory available to one stage, for the plan's fit check."
+    )
+
+
+class StageResources(StrictModel):
+    cpus: float | None = Field(default=None, gt=0, description="Ray CPUs for this stage.")
+    gpus: int | None = Field(
+        default=None, ge=0, description="GPUs for this stage (default: tp*pp*dp for finetune on gpu)."
+    )
+    memory_gb: float | None = Field(default=None, gt=0, description="Ray memory reservation (GiB).")
+
+
+class StageBase(StrictModel):
+    outputs: ClassVar[tuple[str, ...]] = ()
+    primary_output: ClassVar[str | None] = None
+    value_outputs: ClassVar[frozenset[str]] = frozenset()  # outputs that are plain values, not dirs
+    # Top-level fields holding a Ref / a dataset name (checked even when other fields fail validation).
+    ref_fields: ClassVar[tuple[str, ...]] = ()
+    dataset_fields: ClassVar[tuple[str, ...]] = ()
+
+    name: str = Field(description="Unique stage name (lowercase, digits, `-`, `_`).", pattern=NAME_PATTERN)
+    needs: list[str] | None = Field(
+        default=None,
+        description=(
+            "Stages that must finish first. Default: the previous stage. References in typed fields "
+            "add their stages automatically. `[]` makes a root stage."
+        ),
+    )
+    resources: StageResources | None = Field(default=None, description="Overrides of workflow resources.")
+    cache: bool = Field(default=True, description="Reuse a finished result with the same cache key.")
+    timeout_minutes: float | None = Field(
+        default=None, gt=0, description="Fail the stage when it runs longer than this."
+    )
+
+    def refs(self) -> dict[str, str]:
+        """Reference-typed fields of this stage: field path -> Ref string."""
+        return {}
+
+    def backend_name(self) -> str | None:
+        return None
+
+    def dataset_refs(self) -> dict[str, str]:
+        """Dataset-name fields of this stage: field path -> dataset name."""
+        out = {}
+        for f in self.dataset_fields:
+            v = getattr(self, f, None)
+            if isinstance(v, str):
+                out[f] = v
+        return out
+
+
+# --------------------------------------------------------------------------------------- finetune
+
+
+class LoraSpec(StrictModel):
+    r: int = Field(default=8, ge=1, description="LoRA rank.")
+    alpha: float = Field(default=16, gt=0, description="LoRA alpha (scale = alpha / r).")
+    dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default="all-linear", description="Module names to adapt, or `all-linear`."
+    )
+
+
+class QLoraSpec(StrictModel):
+    bits: Literal[4] = Field(default=4, description="Weight bits of the frozen base (bitsandbytes).")
+    quant_type: Literal["nf4", "fp4"] = Field(default="nf4", description="4-bit data type.")
+    double_quant: bool = Field(default=True, description="Quantize the quantization constants too.")
+
+
+class DpoSpec(StrictModel):
+    beta: float = Field(default=0.1, gt=0, description="DPO temperature beta.")
+    loss: Literal["sigmoid", "ipo", "hinge"] = Field(default="sigmoid", description="DPO loss variant.")
+    reference: Ref | None = Field(
+        default=None, description="Frozen reference model (default: the stage's starting model)."
+    )
+
+
+class TrainingSpec(StrictModel):
+    epochs: float = Field(default=1, gt=0, description="Passes over the training set.")
+    max_steps: int | None = Field(default=None, gt=0, description="Stop after this many optimizer steps.")
+    micro_batch_size: int = Field(default=8, ge=1, description="Sequences per worker per forward pass.")
+    grad_accum: int = Field(default=1, ge=1, description="Micro-batches per optimizer step.")
+    lr: float = Field(default=1e-4, gt=0, description="Peak learning rate.")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = Field(
+        default="cosine", description="Learning-rate schedule after warmup."
+    )
+    warmup_ratio: float = Field(default=0.0, ge=0, lt=1, description="Fraction of steps for warmup.")
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
+    max_seq_len: int = Field(default=512, ge=8, description="Truncate longer rows (counted, reported).")
+    seed: int = Field(default=0, description="Random seed (data order, init of adapters).")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        default="fp32", description="Training precision (fp32 on CPU; bf16 on GPU)."
+    )
+    gradient_checkpointing: bool = Field(default=False, description="Recompute activations to save memory.")
+    checkpoint_every_steps: int | None = Field(
+        default=None, gt=0, description="Write a resumable checkpoint every N steps."
+    )
+    eval_fraction: float = Field(
+        default=0.05, ge=0, lt=1, description="Fraction of the dataset held out for eval loss."
+    )
+
+
+class ParallelismSpec(StrictModel):
+    tp: int = Field(default=1, ge=1, description="Tensor-parallel degree (megatron/nemo backends).")
+    pp: int = Field(default=1, ge=1, description="Pipeline-parallel degree (megatron/nemo backends).")
+    dp: int = Field(default=1, ge=1, description="Data-parallel replicas (Ray Train workers).")
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+
+class FinetuneStage(StageBase):
+    ref_fields: ClassVar[tuple[str, ...]] = ("base",)
+    dataset_fields: ClassVar[tuple[str, ...]] = ("dataset", "eval_dataset")
+    outputs: ClassVar[tuple[str, ...]] = ("merged", "adapter", "checkpoint")
+    primary_output: ClassVar[str | None] = "merged"
+
+    kind: Literal["finetune"] = Field(description="Fine-tune a model.")
+    method: Literal["sft", "lora", "qlora", "dpo"] = Field(
+        description="`sft` (full), `lora`, `qlora` (4-bit base + LoRA), `dpo` (preference)."
+    )
+    backend: Literal["hf", "megatron", "nemo"] = Field(
+        default="hf",
+        description=(
+            "`hf`: trl + peft on Ray Train; `megatron`: megatron-core TP/PP; `nemo`: NeMo containers."
+        ),
+    )
+    base: Ref = Field(
+        default=BASE_MODEL_REF, description="Model to start from (default: the workflow model)."
+    )
+    dataset: str = Field(description="Name of a dataset under `data:`.")
+    eval_dataset: str | None = Field(default=None, description="Dataset for eval loss (default: a split).")
+    lora: LoraSpec | None = Field(default=None, description="LoRA settings (lora, qlora; optional for dpo).")
+    qlora: QLoraSpec | None = Field(default=None, description="Quantization of the frozen base (qlora).")
+    dpo: DpoSpec | None = Field(default=None, description="DPO settings (method dpo).")
+    training: TrainingSpec = Field(default_factory=TrainingSpec, description="Optimisation settings.")
+    parallelism: ParallelismSpec = Field(default_factory=ParallelismSpec, description="TP / PP / DP layout.")
+    merge: bool | None = Field(
+        default=None, description="Also write the merged HF checkpoint (default: true for adapters)."
+    )
+
+    @model_validator(mode="after")
+    def _method_settings(self) -> FinetuneStage:
+        if self.method == "sft" and self.lora is not None:
+            raise ValueError("`lora` settings were given for method 'sft' (full fine-tune); use method: lora")
+        if self.method != "qlora" and self.qlora is not None:
+            raise ValueError(f"`qlora` settings were given for method {self.method!r}; use method: qlora")
+        if self.method != "dpo" and self.dpo is not None:
+            raise ValueError(f"`dpo` settings were given for method {self.method!r}; use method: dpo")
+        return self
+
+    def refs(self) -> dict[str, str]:
+        out = {"base": self.base}
+        if self.dpo is not None and self.dpo.reference is not None:
+            out["dpo.reference"] = self.dpo.reference
+        return out
+
+    def backend_name(self) -> str | None:
+        return self.backend
+
+    @property
+    def uses_adapter(self) -> bool:
+        return self.method in ("lora", "qlora") or (self.method == "dpo" and self.lora is not None)
+
+
+# --------------------------------------------------------------------------------------- evaluate
+
+
+class EvaluateGates(StrictModel):
+    max_perplexity: float | None = Field(default=None, gt=0, description="Fail above this perplexity.")
+    min_token_accuracy: float | None = Field(
+        default=None, ge=0, le=1, description="Fail below this next-token accuracy on completion tokens."
+    )
+    min_exact_match: float | None = Field(
+        default=None, ge=0, le=1, description="Fail below this greedy exact-match rate (sft data)."
+    )
+    max_regression_vs: str | None = Field(
+        default=None,
+        description="`base` or an earlier stage name: evaluate that model too and fail if this one is worse.",
+    )
+    max_regression: float = Field(
+        default=0.0, ge=0, description="Allowed relative regression vs `max_regression_vs` (0.02 = 2 %)."
+    )
+    # Computed by the loader from max_regression_vs (the comparison model's Ref); never set by users.
+    baseline_ref: SkipJsonSchema[str | None] = Field(default=None, exclude=True)
+
+    @field_validator("baseline_ref")
+    @classmethod
+    def _not_user_settable(cls, v: str | None) -> str | None:
+        if v is not None:
+            raise ValueError("baseline_ref is computed from max_regression_vs; remove it")
+        return v
+
+
+EvalMetric = Literal["perplexity", "token_accuracy", "exact_match"]
+
+
+class EvaluateStage(StageBase):
+    ref_fields: ClassVar[tuple[str, ...]] = ("model",)
+    dataset_fields: ClassVar[tuple[str, ...]] = ("dataset",)
+    outputs: ClassVar[tuple[str, ...]] = ("report",)
+    primary_output: ClassVar[str | None] = "report"
+
+    kind: Literal["evaluate"] = Field(description="Measure a model on a dataset; optionally gate on it.")
+    model: Ref = Field(default=BASE_MODEL_REF, description="Model to evaluate.")
+    dataset: str = Field(description="Name of a dataset under `data:`.")
+    metrics: list[EvalMetric] = Field(
+        default_factory=lambda: list[EvalMetric](["perplexity", "token_accuracy"]),
+        description="Metrics to compute (`exact_match` generates greedily; sft data only).",
+    )
+    max_samples: int | None = Field(default=256, gt=0, description="Evaluate the first N rows.")
+    batch_size: int = Field(default=8, ge=1, description="Rows per forward pass.")
+    max_seq_len: int = Field(default=256, ge=8, description="Truncate longer rows (counted, reported).")
+    max_new_tokens: int = Field(default=32, ge=1, description="Generation length for exact_match.")
+    gates: EvaluateGates = Field(default_factory=EvaluateGates, description="Pass/fail thresholds.")
+
+    def refs(self) -> dict[str, str]:
+        out = {"model": self.model}
+        if self.gates.baseline_ref:
+            out["gates.max_regression_vs"] = self.gates.baseline_ref
+        return out
+
+
+# --------------------------------------------------------------------------------------- quantize
+
+
+class CalibrationSpec(StrictModel):
+    dataset: str = Field(description="Name of a dataset under `data:` used for calibration.")
+    samples: int = Field(default=128, ge=1, description="Calibration rows.")
+    max_seq_len: int = Field(default=256, ge=8, description="Tokens per calibration row.")
+
+
+class QuantizeGate(StrictModel):
+    max_perplexity_increase: float | None = Field(
+        default=None, ge=0, description="Fail when perplexity rises more than this fraction vs the parent."
+    )
+    min_token_agreement: float | None = Field(
+        default=None, ge=0, le=1, description="Fail when greedy tokens agree with the parent less than this."
+    )
+    dataset: str | None = Field(default=None, description="Held-out dataset for the gate (default: calib).")
+
+
+class TrtllmExportSpec(StrictModel):
+    tp: int = Field(default=1, ge=1, description="Tensor-parallel shards of the TRT-LLM checkpoint.")
+    pp: int = Field(default=1, ge=1, description="Pipeline-parallel shards of the TRT-LLM checkpoint.")
+
+
+class QuantizeStage(StageBase):
+    ref_fields: ClassVar[tuple[str, ...]] = ("model",)
+    outputs: ClassVar[tuple[str, ...]] = ("checkpoint", "trtllm_checkpoint")
+    primary_output: ClassVar[str | None] = "checkpoint"
+
+    kind: Literal["quantize"] = Field(description="Post-training quantization.")
+    model: Ref = Field(default=BASE_MODEL_REF, description="Model to quantize.")
+    format: Literal["fp8", "int8_sq", "int8", "int4_awq", "w4a8_awq", "nvfp4", "nncf_int8", "nncf_int4"] = (
+        Field(description="ModelOpt format (fp8 ... nvfp4) or NNCF weight compression for the CPU runtime.")
+    )
+    kv_cache_dtype: Literal["fp8", "none"] = Field(default="none", description="Quantize the KV cache.")
+    calibration: CalibrationSpec | None = Field(default=None, description="Calibration data.")
+    gate: QuantizeGate = Field(default_factory=QuantizeGate, description="Quality gate vs the parent.")
+    export_trtllm: TrtllmExportSpec | None = Field(
+        default=None, description="Also export a TP/PP-sharded TRT-LLM checkpoint (legacy engine path)."
+    )
+
+    def refs(self) -> dict[str, str]:
+        return {"model": self.model}
+
+    def dataset_refs(self) -> dict[str, str]:
+        out = {}
+        if self.calibration:
+            out["calibration.dataset"] = self.calibration.dataset
+        if self.gate.dataset:
+            out["gate.dataset"] = self.gate.dataset
+        return out
+
+
+# ------------------------------------------------------------------------------------------ build
+
+
+class TrtllmBuildSpec(StrictModel):
+    tp: int = Field(default=1, ge=1, description="Tensor parallelism of the engine.")
+    pp: int = Field(default=1, ge=1, description="Pipeline parallelism of the engine.")
+    max_batch_size: int = Field(default=64, ge=1, description="Max sequences in flight.")
+    max_input_len: int = Field(default=2048, ge=1, description="Max prompt tokens.")
+    max_seq_len: int = Field(default=4096, ge=1, description="Max prompt + generated tokens.")
+    max_num_tokens: int = Field(default=8192, ge=1, description="Max tokens per engine step.")
+    paged_kv_cache: bool = Field(default=True, description="Paged KV cache.")
+    use_paged_context_fmha: bool = Field(default=True, description="Paged context FMHA (prefix reuse).")
+    gemm_plugin: str = Field(default="auto", description="GEMM plugin dtype or `auto`.")
+    kv_cache_free_gpu_mem_fraction: float = Field(
+        default=0.9, gt=0, le=1, description="GPU memory fraction for the KV cache."
+    )
+    lora: dict[str, int] | None = Field(default=None, description="LoRA support, e.g. {max_rank: 16}.")
+    speculative_decoding: dict[str, Any] | None = Field(
+        default=None, description="e.g. {mode: draft_tokens_external, max_draft_len: 4}."
+    )
+
+
+class OpenvinoBuildSpec(StrictModel):
+    weight_format: Literal["fp32", "fp16", "int8", "int4"] | None = Field(
+        default=None, description="Weight format of the IR (default: from the quantize stage, else fp32)."
+    )
+
+
+class BuildStage(StageBase):
+    ref_fields: ClassVar[tuple[str, ...]] = ("from",)
+    outputs: ClassVar[tuple[str, ...]] = ("artifact",)
+    primary_output: ClassVar[str | None] = "artifact"
+
+    kind: Literal["build"] = Field(description="Build the serving artifact for an engine.")
+    engine: Literal["tensorrt-llm", "openvino"] = Field(description="Serving engine to build for.")
+    from_: Ref = Field(alias="from", description="Checkpoint to build from.")
+    tensorrt_llm: TrtllmBuildSpec | None = Field(default=None, description="TensorRT-LLM build settings.")
+    openvino: OpenvinoBuildSpec | None = Field(default=None, description="OpenVINO export settings.")
+
+    def refs(self) -> dict[str, str]:
+        return {"from": self.from_}
+
+    def backend_name(self) -> str | None:
+        return self.engine
+
+
+# --------------------------------------------------------------------------------------- register
+
+
+class RegisterStage(StageBase):
+    ref_fields: ClassVar[tuple[str, ...]] = ("model",)
+    outputs: ClassVar[tuple[str, ...]] = ("version", "model_uri")
+    primary_output: ClassVar[str | None] = "version"
+    value_outputs: ClassVar[frozenset[str]] = frozenset({"version", "model_uri"})
+
+    kind: Literal["register"] = Field(description="Register a model version in the MLflow registry.")
+    model: Ref = Field(description="Directory to register (by reference: URI + sha256, never uploaded).")
+    registered_name: str = Field(description="Registered model name.", min_length=1)
+    alias: str | None = Field(default="candidate", description="Alias to point at the new version.")
+    tags: dict[str, str] = Field(default_factory=dict, description="Extra tags on the model version.")
+
+    def refs(self) -> dict[str, str]:
+        return {"model": self.model}
+
+
+# ------------------------------------------------------------------------------------------ serve
+
+
+class SchedulerSpec(StrictModel):
+    max_num_seqs: int = Field(default=64, ge=1, description="Max sequences batched together.")
+    max_batched_tokens: int = Field(default=1024, ge=1, description="Max tokens per engine step.")
+    prefix_caching: bool = Field(default=True, description="Reuse KV blocks of shared prefixes.")
+    kv_cache_gb: float | None = Field(default=None, gt=0, description="KV cache size (GiB).")
+
+
+class ServeStage(StageBase):
+    ref_fields: ClassVar[tuple[str, ...]] = ("model",)
+    outputs: ClassVar[tuple[str, ...]] = ("repository",)
+    primary_output: ClassVar[str | None] = "repository"
+
+    kind: Literal["serve"] = Field(description="Build a Triton model repository for the model.")
+    runtime: Literal["triton"] = Field(default="triton", description="Inference server.")
+    model: Ref = Field(description="Built artifact or registered version to serve.")
+    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec, description="Batching limits.")
+
+    def refs(self) -> dict[str, str]:
+        return {"model": self.model}
+
+
+# ----------------------------------------------------------------------------------------- deploy
+
+
+class RolloutGates(StrictModel):
+    p95_ttft_ms: float | None = Field(default=None, gt=0, description="Max p95 time to first token.")
+    error_rate: float | None = Field(default=None, ge=0, le=1, description="Max error rate.")
+
+
+class RolloutSpec(StrictModel):
+    strategy: Literal["rolling", "canary"] = Field(default="rolling", description="Rollout strategy.")
+    steps: list[int] = Field(default_factory=lambda: [100], description="Canary traffic percentages.")
+    gates: RolloutGates = Field(default_factory=RolloutGates, description="Checked between steps.")
+
+
+class DeployStage(StageBase):
+    ref_fields: ClassVar[tuple[str, ...]] = ("repository",)
+    outputs: ClassVar[tuple[str, ...]] = ("endpoint",)
+    primary_output: ClassVar[str | None] = "endpoint"
+    value_outputs: ClassVar[frozenset[str]] = frozenset({"endpoint"})
+
+    kind: Literal["deploy"] = Field(description="Roll out an endpoint serving a model repository.")
+    runtime: Literal["triton", "nim"] = Field(default="triton", description="Serving runtime.")
+    repository: Ref = Field(description="Model repository (serve stage output) or model to serve (nim).")
+    endpoint_name: str | None = Field(default=None, description="Endpoint name (default: workflow name).")
+    port: int | None = Field(default=None, ge=1, le=65535, description="Local port (local target).")
+    rollout: RolloutSpec = Field(default_factory=RolloutSpec, description="How traffic moves over.")
+
+    def refs(self) -> dict[str, str]:
+        return {"repository": self.repository}
+
+
+# ---------------------------------------------------------------------------------------- promote
+
+
+class PromoteStage(StageBase):
+    outputs: ClassVar[tuple[str, ...]] = ("version",)
+    primary_output: ClassVar[str | None] = "version"
+    value_outputs: ClassVar[frozenset[str]] = frozenset({"version"})
+
+    kind: Literal["promote"] = Field(description="Move a registry alias after gates pass.")
+    registered_name: str = Field(description="Registered model name.", min_length=1)
+    from_alias: str = Field(default="candidate", description="Alias whose version is promoted.")
+    to_alias: str = Field(default="production", description="Alias to move.")
+    requires: list[str] = Field(
+        default_factory=list, description="Stages whose gates must have passed (they become dependencies)."
+    )
+
+
+Stage = Annotated[
+    FinetuneStage
+    | EvaluateStage
+    | QuantizeStage
+    | BuildStage
+    | RegisterStage
+    | ServeStage
+    | DeployStage
+    | PromoteStage,
+    Field(discriminator="kind"),
+]
+
+STAGE_CLASSES: dict[str, type[StageBase]] = {
+    "finetune": FinetuneStage,
+    "evaluate": EvaluateStage,
+    "quantize": QuantizeStage,
+    "build": BuildStage,
+    "register": RegisterStage,
+    "serve": ServeStage,
+    "deploy": DeployStage,
+    "promote": PromoteStage,
+}
+
+
+class Workflow(StrictModel):
+    """A workflow: a base model, named datasets, and stages that run as a DAG."""
+
+    name: str = Field(description="Workflow name (MLflow experiment default).", pattern=NAME_PATTERN)
+    description: str | None = Field(default=None, description="Free text.")
+    model: ModelSpec = Field(description="The base model.")
+    data: dict[str, DatasetSpec] = Field(default_factory=dict, description="Named datasets.")
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="MLflow settings.")
+    target: Literal["local", "kubernetes"] = Field(default="local", description="Where endpoints go.")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Defaults for stages.")
+    stages: list[Stage] = Field(min_length=1, description="Stages, in declaration order.")
+
+    def stage(self, name: str) -> StageBase:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def dependencies(self, name: str) -> list[str]:
+        """Explicit `needs` (or the previous stage) plus stages referenced by typed fields."""
+        names = [s.name for s in self.stages]
+        idx = names.index(name)
+        stage = self.stages[idx]
+        deps: list[str] = []
+        if stage.needs is None:
+            if idx > 0:
+                deps.append(names[idx - 1])
+        else:
+            deps.extend(stage.needs)
+        for ref in stage.refs().values():
+            parsed = parse_ref(ref)
+            if parsed and parsed[0] != "model" and parsed[0] not in deps:
+                deps.append(parsed[0])
+        if isinstance(stage, PromoteStage):
+            deps.extend(r for r in stage.requires if r not in deps)
+        return deps
+
+
+def parse_ref(value: str) -> tuple[str, str | None] | None:
+    """``${model}`` -> ("model", None); ``${stages.a.outputs.b}`` -> ("a", "b"); a URI -> None."""
+    m = REF_PATTERN.match(value.strip())
+    if not m:
+        return None
+    if m.group(1):
+        return ("model", None)
+    return (m.group(2), m.group(3))
+
+
+def is_ref_like(value: str) -> bool:
+    return value.strip().startswith("${")
+
+
+def output_ref(stage: str, output: str) -> str:
+    return f"${{stages.{stage}.outputs.{output}}}"

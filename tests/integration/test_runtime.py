@@ -1,0 +1,130 @@
+"""The runtime on real Ray and real MLflow (SQLite): caching, exact reruns, early cutoff, failures,
+lineage. Operators are the small recording operators of ``tests/opkit.py``; everything else is real."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+import opkit
+from forgeline.runtime import RunSettings, StageFailed, run_workflow
+from forgeline.spec import load_workflow
+from forgeline.tracking import TAG_CACHED, TAG_ERROR, TAG_STAGE, TAG_STATE, Tracker
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+WORKFLOW = """\
+name: rt
+model: {{base: builtin://tiny-llama}}
+data:
+  d: {{path: d.jsonl, format: text}}
+stages:
+  - {{name: a, kind: evaluate, dataset: d, max_samples: 1, metrics: {a_metrics}}}
+  - {{name: b, kind: evaluate, dataset: d, model: "${{stages.a.outputs.report}}", max_samples: {b_samples}}}
+  - {{name: c, kind: evaluate, dataset: d, max_samples: 3, needs: []}}
+  - {{name: d2, kind: evaluate, dataset: d, model: "${{stages.b.outputs.report}}", max_samples: 4}}
+{extra}"""
+
+
+def write(tmp: Path, a_metrics: str = "[perplexity]", b_samples: int = 2, extra: str = "") -> Path:
+    (tmp / "d.jsonl").write_text('{"text": "hello world"}\n')
+    wf = tmp / "wf.yaml"
+    wf.write_text(WORKFLOW.format(a_metrics=a_metrics, b_samples=b_samples, extra=extra))
+    return wf
+
+
+def calls(tmp: Path) -> list[str]:
+    log = tmp / "calls.log"
+    lines = log.read_text().split() if log.exists() else []
+    log.unlink(missing_ok=True)
+    return sorted(lines)
+
+
+def run(wf: Path, home: Path, kinds: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    return run_workflow(load_workflow(wf), RunSettings(home=home), registry=opkit.registry(kinds))
+
+
+def stage_runs(home: Path, run_id: str) -> dict[str, object]:
+    tracker = Tracker(f"sqlite:///{home / 'mlflow.db'}")
+    parent = tracker.get_run(run_id)
+    return {c.data.tags[TAG_STAGE]: c for c in tracker.child_runs(parent.info.experiment_id, run_id)}
+
+
+def test_cold_run_cached_rerun_and_exact_dependents(tmp_path: Path, home: Path, ray_session: None) -> None:
+    wf = write(tmp_path)
+    first = run(wf, home)
+    assert calls(tmp_path) == ["a", "b", "c", "d2"]
+    assert first.state == "FINISHED"
+    assert {o.state for o in first.stages.values()} == {"succeeded"}
+
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    parent = client.get_run(first.run_id)
+    assert parent.info.status == "FINISHED"
+    children = stage_runs(home, first.run_id)
+    assert set(children) == {"a", "b", "c", "d2"}
+    b = children["b"]
+    # Lineage: b's input digest is a's published report digest; params and metrics are logged.
+    a_digest = first.stages["a"].record.output_digest("report")  # type: ignore[union-attr]
+    assert b.data.tags["forgeline.input.model.sha256"] == a_digest  # type: ignore[attr-defined]
+    assert b.data.params["max_samples"] == "2"  # type: ignore[attr-defined]
+    assert b.data.metrics["perplexity"] == 2.0  # type: ignore[attr-defined]
+    assert b.info.status == "FINISHED"  # type: ignore[attr-defined]
+    artifacts = {f.path for f in client.list_artifacts(first.run_id)}
+    assert {"workflow.yaml", "plan.json"} <= artifacts
+
+    # Unchanged rerun: no operator runs, every stage reports cached with its key.
+    second = run(wf, home)
+    assert calls(tmp_path) == []
+    assert {o.state for o in second.stages.values()} == {"cached"}
+    assert second.stages["d2"].key == first.stages["d2"].key
+    assert stage_runs(home, second.run_id)["a"].data.tags[TAG_CACHED] == "true"  # type: ignore[attr-defined]
+
+    # Change b's params: exactly b and its dependent d2 rerun.
+    wf = write(tmp_path, b_samples=7)
+    third = run(wf, home)
+    assert calls(tmp_path) == ["b", "d2"]
+    assert third.stages["a"].state == "cached" and third.stages["c"].state == "cached"
+
+
+def test_early_cutoff_when_upstream_output_is_identical(
+    tmp_path: Path, home: Path, ray_session: None
+) -> None:
+    run(write(tmp_path), home)
+    calls(tmp_path)
+    # `metrics` changes a's key, but the test operator's output does not depend on it: a reruns,
+    # publishes identical bytes, and b/d2 (keyed by a's content) stay cached.
+    summary = run(write(tmp_path, a_metrics="[perplexity, token_accuracy]"), home)
+    assert calls(tmp_path) == ["a"]
+    assert summary.stages["b"].state == "cached"
+    assert summary.stages["d2"].state == "cached"
+
+
+def test_failed_stage_marks_runs_and_stops_dependents(tmp_path: Path, home: Path, ray_session: None) -> None:
+    extra = (
+        '  - {name: r, kind: register, model: "${stages.a.outputs.report}", registered_name: x, needs: [c]}\n'
+        "  - {name: after, kind: evaluate, dataset: d, max_samples: 9, needs: [r]}\n"
+    )
+    wf = write(tmp_path, extra=extra)
+    with pytest.raises(StageFailed) as info:
+        run(wf, home, kinds={"register": "fail"})
+    summary = info.value.summary
+    assert summary.state == "FAILED"
+    assert summary.stages["r"].state == "failed"
+    assert "always fails" in (summary.stages["r"].error or "")
+    assert summary.stages["after"].state == "skipped"
+    assert "after" not in calls(tmp_path)
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    assert client.get_run(summary.run_id).info.status == "FAILED"
+    children = stage_runs(home, summary.run_id)
+    r = children["r"]
+    assert r.info.status == "FAILED"  # type: ignore[attr-defined]
+    assert "always fails" in r.data.tags[TAG_ERROR]  # type: ignore[attr-defined]
+    logs = {f.path for f in client.list_artifacts(r.info.run_id, "logs")}  # type: ignore[attr-defined]
+    assert "logs/r.log" in logs and "logs/traceback.txt" in logs
+    assert children["after"].data.tags[TAG_STATE] == "skipped"  # type: ignore[attr-defined]
+    # The stages that finished are kept: a rerun with a fixed operator runs only r and after.
+    fixed = run(wf, home, kinds={"register": "version"})
+    assert calls(tmp_path) == ["after", "r"]
+    assert fixed.stages["r"].record.outputs["version"]["value"] == 1  # type: ignore[union-attr]
