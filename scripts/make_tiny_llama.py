@@ -18,7 +18,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from forgeline_operators.models import _build, _corpus  # noqa: E402  (after the thread setting)
+from forgeline_operators.models import _build, _corpus
 
 CORPUS_DIR = Path(__file__).resolve().parents[1] / "operators/forgeline_operators/models/corpus"
 

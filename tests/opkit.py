@@ -49,10 +49,11 @@ def slow(ctx: StageContext) -> StageResult:
             break
         time.sleep(0.1)
     _log_call(ctx, ":finished")
-    out = ctx.output_dir / "report"
+    name = type(ctx.stage).outputs[0]  # whatever kind it stands in for
+    out = ctx.output_dir / name
     out.mkdir()
     (out / "done.txt").write_text("ok")
-    return StageResult(outputs={"report": out}, metrics={"waited": 1.0})
+    return StageResult(outputs={name: out}, metrics={"waited": 1.0})
 
 
 def version(ctx: StageContext) -> StageResult:

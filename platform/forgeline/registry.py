@@ -87,7 +87,8 @@ class OperatorRegistry:
         self._models[source.name] = source
 
     def operator(self, kind: str, backend: str | None = None) -> OperatorSpec | None:
-        return self._ops.get((kind, backend)) or (self._ops.get((kind, None)) if backend is None else None)
+        # An operator registered without a backend serves every backend of its kind.
+        return self._ops.get((kind, backend)) or self._ops.get((kind, None))
 
     def operators(self) -> list[OperatorSpec]:
         return list(self._ops.values())

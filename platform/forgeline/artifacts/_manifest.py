@@ -168,14 +168,19 @@ def publish(staging: Path, final: Path, meta: dict[str, Any] | None = None) -> M
     return manifest
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a local process exists and is not a zombie (a killed, unreaped child counts as dead)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def clean_staging(parent: Path) -> int:
@@ -188,7 +193,7 @@ def clean_staging(parent: Path) -> int:
             continue
         parts = p.name.rsplit("-", 2)
         pid = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
-        if pid is not None and _pid_alive(pid):
+        if pid is not None and pid_alive(pid):
             continue
         with contextlib.suppress(OSError):
             shutil.rmtree(p)

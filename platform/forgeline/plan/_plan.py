@@ -282,10 +282,10 @@ class Planner:
             shape = self._shape_of_uri(ref)
         elif parsed[0] == "model":
             shape = self._shape_of_uri(self.workflow.model.base)
-            if self.workflow.model.parameters:
-                shape = (
-                    ModelShape(self.workflow.model.parameters, source="declared") if shape is None else shape
-                )
+            declared = self.workflow.model.parameters
+            # A declared count beats a guess from the model's name (but not a real config.json).
+            if declared and (shape is None or shape.source == "name"):
+                shape = ModelShape(declared, source="declared")
         else:
             up = self.workflow.stage(parsed[0])
             inputs = up.refs()

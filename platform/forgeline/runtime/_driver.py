@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from forgeline.artifacts import ModelStore, StageRecord, StageStore, clean_staging
+from forgeline.artifacts import ModelStore, StageRecord, StageStore, clean_staging, pid_alive
 from forgeline.plan import Plan, Planner, stage_params
 from forgeline.registry import OperatorRegistry, default_registry
 from forgeline.runtime._mlflow_uris import attach_mlflow
@@ -124,7 +124,7 @@ def reap_dead_drivers(tracker: Tracker, experiment_id: str) -> list[str]:
     for run in runs:
         tags = run.data.tags
         pid = int(tags.get(TAG_DRIVER_PID, "0") or 0)
-        if tags.get(TAG_DRIVER_HOST) != host or pid <= 0 or _pid_alive(pid):
+        if tags.get(TAG_DRIVER_HOST) != host or pid <= 0 or pid_alive(pid):
             continue
         for child in tracker.child_runs(experiment_id, run.info.run_id):
             if child.info.status in ("RUNNING", "SCHEDULED"):
@@ -134,16 +134,6 @@ def reap_dead_drivers(tracker: Tracker, experiment_id: str) -> list[str]:
         tracker.end_run(run.info.run_id, "KILLED")
         reaped.append(run.info.run_id)
     return reaped
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Driver:

@@ -55,7 +55,8 @@ class SourceMap:
                 return self.positions[probe]
             cut = max(probe.rfind("."), probe.rfind("["))
             probe = probe[:cut] if cut > 0 else ""
-        return (None, None)
+        # A top-level field (e.g. a missing `model`) points at the document's first key.
+        return self.positions.get("", (None, None))
 
     def problem(self, path: str, message: str, hint: str | None = None) -> Problem:
         line, col = self.at(path)
@@ -309,7 +310,9 @@ def _semantic_problems(
                 )
         if isinstance(stage, PromoteStage):
             for j, req in enumerate(stage.requires):
-                if req not in known:
+                if req == stage.name:
+                    problems.append(smap.problem(f"{at}.requires[{j}]", "a stage cannot require itself"))
+                elif req not in known:
                     problems.append(
                         smap.problem(
                             f"{at}.requires[{j}]", f"unknown stage {req!r}", did_you_mean(req, known)
@@ -448,8 +451,8 @@ def _cycle_problems(
         state[n] = 1
         stack.append(n)
         for d in deps.get(n, []):
-            if d not in deps:
-                continue
+            if d not in deps or d == n:
+                continue  # unknown stages and self-dependencies are reported where they are written
             if state.get(d) == 1:
                 cycle = [*stack[stack.index(d) :], d]
                 problems.append(
@@ -492,6 +495,7 @@ def load_workflow(path: str | Path, text: str | None = None) -> LoadedWorkflow:
         raise WorkflowError(
             [Problem("a workflow must be a YAML mapping (name, model, stages, ...)", display, 1, 1)]
         )
+    smap.positions[""] = (tree.lc.line + 1, tree.lc.col + 1)
     _index_positions(tree, "", smap)
     raw = _plain(tree)
     problems: list[Problem] = []
@@ -512,7 +516,7 @@ def load_workflow(path: str | Path, text: str | None = None) -> LoadedWorkflow:
                 stages.append(None)
     sem, resolved = _semantic_problems(raw, stages, smap, path.parent.resolve())
     problems.extend(sem)
-    if workflow is not None and not problems:
+    if workflow is not None:  # cycles too, alongside every other problem
         workflow = workflow.model_copy(update={"stages": resolved})
         deps = {s.name: workflow.dependencies(s.name) for s in workflow.stages}
         problems.extend(_cycle_problems(list(workflow.stages), smap, deps))

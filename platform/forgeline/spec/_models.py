@@ -125,6 +125,14 @@ class StageBase(StrictModel):
         default=None, gt=0, description="Fail the stage when it runs longer than this."
     )
 
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, v: str) -> str:
+        # `${stages.model.outputs.X}` would parse as the base model `${model}` everywhere refs are read.
+        if v == "model":
+            raise ValueError("'model' is reserved for the base model (`${model}`); choose another name")
+        return v
+
     def refs(self) -> dict[str, str]:
         """Reference-typed fields of this stage: field path -> Ref string."""
         return {}
