@@ -355,23 +355,31 @@ def ui(
 
 @app.command()
 def schema(
-    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write.")] = Path(
+    output: Annotated[Path, typer.Option("--output", "-o", help="JSON Schema path.")] = Path(
         "workflows/schema.json"
     ),
-    check: Annotated[bool, typer.Option("--check", help="Exit 1 if the file is stale.")] = False,
+    reference: Annotated[Path, typer.Option(help="Markdown reference path.")] = Path(
+        "docs/workflow-reference.md"
+    ),
+    check: Annotated[bool, typer.Option("--check", help="Exit 1 if a file is stale.")] = False,
 ) -> None:
-    """Write the workflow JSON Schema (for editors); --check verifies it is current."""
-    text = schema_json()
+    """Write the workflow JSON Schema (for editors) and the reference docs; --check verifies them."""
+    from forgeline.spec import reference_markdown
+
+    stale = []
+    for path, text in ((output, schema_json()), (reference, reference_markdown())):
+        if check:
+            if not path.exists() or path.read_text() != text:
+                stale.append(path)
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        out.print(f"wrote {path}", highlight=False)
+    if stale:
+        err.print(f"stale: {', '.join(map(str, stale))}: run `forgeline schema`", highlight=False)
+        raise typer.Exit(1)
     if check:
-        current = output.read_text() if output.exists() else ""
-        if current != text:
-            err.print(f"{output} is stale: run `forgeline schema`")
-            raise typer.Exit(1)
-        out.print(f"{output} is current")
-        return
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(text)
-    out.print(f"wrote {output}")
+        out.print("schema and reference are current")
 
 
 def main() -> None:

@@ -85,7 +85,7 @@ def test_broken_workflow_reports_every_expected_problem(path: Path) -> None:
         hit = next((p for p in unmatched if exp.matches(p)), None)
         assert hit is not None, f"expected {exp}\nnot among the problems:\n{listing}"
         unmatched.remove(hit)
-    assert len(problems) == len(expected), f"unexpected problems:\n" + "\n".join(map(str, unmatched))
+    assert len(problems) == len(expected), "unexpected problems:\n" + "\n".join(map(str, unmatched))
 
 
 def test_dataset_row_problems_are_located_in_the_jsonl_file() -> None:

@@ -93,7 +93,11 @@ def test_references_add_their_stages_as_dependencies(tmp_path: Path) -> None:
           base: ${stages.tune.outputs.merged}
           dpo: {reference: "${stages.tune.outputs.merged}"}
           needs: []
-        - {name: squeeze, kind: quantize, format: int8, model: "${stages.align.outputs.merged}", needs: [other]}
+        - name: squeeze
+          kind: quantize
+          format: int8
+          model: ${stages.align.outputs.merged}
+          needs: [other]
         """,
     )
     d = deps(loaded)

@@ -26,7 +26,7 @@ from forgeline.spec._models import (
     output_ref,
     parse_ref,
 )
-from forgeline.spec._schema import schema_json
+from forgeline.spec._schema import reference_markdown, schema_json
 
 __all__ = [
     "BASE_MODEL_REF",
@@ -52,5 +52,6 @@ __all__ = [
     "load_workflow",
     "output_ref",
     "parse_ref",
+    "reference_markdown",
     "schema_json",
 ]

@@ -379,7 +379,8 @@ def _raw_stage_problems(
     data: dict[str, Any],
     smap: SourceMap,
 ) -> list[Problem]:
-    cls = STAGE_CLASSES.get(raw_stage.get("kind", ""))
+    kind = raw_stage.get("kind")
+    cls = STAGE_CLASSES.get(kind) if isinstance(kind, str) else None  # `kind: [x]` is unhashable
     if cls is None:
         return []
     problems: list[Problem] = []

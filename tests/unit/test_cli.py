@@ -1,0 +1,127 @@
+"""The command line, in process: validate, schema --check and plan --json (no Ray, no MLflow store)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from forgeline.cli import app
+from forgeline.spec import schema_json
+
+ROOT = Path(__file__).resolve().parents[2]
+QUICKSTART = ROOT / "workflows" / "quickstart.yaml"
+BROKEN = ROOT / "tests" / "data" / "broken"
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def test_validate_a_good_file(runner: CliRunner) -> None:
+    result = runner.invoke(app, ["validate", str(QUICKSTART)])
+    assert result.exit_code == 0, result.output
+    assert f"{QUICKSTART}: ok (3 stages)" in result.output
+
+
+def test_validate_a_broken_file_lists_located_problems_without_a_traceback(runner: CliRunner) -> None:
+    path = BROKEN / "many_mistakes.yaml"
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output
+    located = [ln for ln in result.output.splitlines() if re.match(rf"{re.escape(str(path))}:\d+:\d+: ", ln)]
+    assert len(located) == 7
+    assert f"{path}:26:11: stages[2].kind: unknown stage kind 'evalute' (did you mean 'evaluate'?)" in located
+    assert "7 problems found" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_validate_several_files_reports_all_of_them(runner: CliRunner) -> None:
+    a, b = BROKEN / "ref_self.yaml", BROKEN / "unknown_stage_kind.yaml"
+    result = runner.invoke(app, ["validate", str(QUICKSTART), str(a), str(b)])
+    assert result.exit_code == 1
+    assert f"{QUICKSTART}: ok" in result.output
+    assert f"{a}:11:12: " in result.output and f"{b}:9:11: " in result.output
+    assert "2 problems found" in result.output
+
+
+def test_validate_verbose_names_the_exception(runner: CliRunner) -> None:
+    result = runner.invoke(app, ["validate", "-v", str(BROKEN / "ref_self.yaml")])
+    assert result.exit_code == 1
+    assert "forgeline.spec._errors.WorkflowError" in result.output
+    assert "1 problem found" in result.output
+
+
+def test_validate_a_missing_file(runner: CliRunner, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["validate", str(tmp_path / "absent.yaml")])
+    assert result.exit_code == 1
+    assert "cannot read workflow" in result.output and "Traceback" not in result.output
+
+
+def test_schema_check_on_a_stale_file_exits_1(runner: CliRunner, tmp_path: Path) -> None:
+    stale = tmp_path / "schema.json"
+    stale.write_text(schema_json().replace('"Workflow name', '"An old description of the workflow name'))
+    result = runner.invoke(app, ["schema", "--check", "-o", str(stale)])
+    assert result.exit_code == 1
+    assert "is stale" in result.output
+    assert runner.invoke(app, ["schema", "--check", "-o", str(tmp_path / "absent.json")]).exit_code == 1
+
+
+def test_schema_writes_a_current_file(runner: CliRunner, tmp_path: Path) -> None:
+    out = tmp_path / "sub" / "schema.json"
+    assert runner.invoke(app, ["schema", "-o", str(out)]).exit_code == 0
+    assert out.read_text() == schema_json()
+    result = runner.invoke(app, ["schema", "--check", "-o", str(out)])
+    assert result.exit_code == 0 and "is current" in result.output
+
+
+def test_plan_json_lists_the_stages_and_creates_no_tracking_store(runner: CliRunner, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    result = runner.invoke(app, ["plan", str(QUICKSTART), "--json", "--home", str(home)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["workflow"] == "quickstart" and data["problems"] == []
+    stages = {s["name"]: s for s in data["stages"]}
+    assert list(stages) == ["eval-base", "eval-task", "register"]
+    assert stages["register"]["deps"] == ["eval-base", "eval-task"]
+    assert all(s["status"] == "run" for s in stages.values())
+    assert stages["eval-base"]["key"] and stages["eval-task"]["key"]
+    assert stages["register"]["key"] is None  # known once both evaluations have run
+    assert not list(tmp_path.rglob("mlflow.db")), "plan must not create an MLflow database"
+
+
+def test_plan_table_with_explain(runner: CliRunner, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["plan", str(QUICKSTART), "--explain", "--home", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "eval-base" in result.output and "never ran" in result.output
+    assert not list(tmp_path.rglob("mlflow.db"))
+
+
+def test_plan_on_a_broken_file_exits_1_without_a_traceback(runner: CliRunner, tmp_path: Path) -> None:
+    path = BROKEN / "cycle_refs.yaml"
+    result = runner.invoke(app, ["plan", str(path), "--home", str(tmp_path)])
+    assert result.exit_code == 1
+    assert f"{path}:8:11: stages[0].name: dependency cycle" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_plan_problems_exit_1_after_the_plan(runner: CliRunner, tmp_path: Path) -> None:
+    wf = tmp_path / "wf.yaml"
+    data = (ROOT / "workflows" / "data" / "chat_sft.jsonl").resolve()
+    wf.write_text(
+        "name: demo\n"
+        "model: {base: builtin://tiny-llama}\n"
+        f"data: {{sft: {{path: {data}, format: sft}}}}\n"
+        "stages:\n"
+        "  - {name: squeeze, kind: quantize, format: nvfp4}\n"
+    )
+    result = runner.invoke(app, ["plan", str(wf), "--json", "--home", str(tmp_path / "home")])
+    assert result.exit_code == 1
+    plan = json.loads(result.stdout)
+    assert [s["name"] for s in plan["stages"]] == ["squeeze"]
+    assert f"{wf}:5:27: stages[0].kind: operator not installed for kind 'quantize'" in result.output
+    assert "Traceback" not in result.output
