@@ -128,3 +128,14 @@ def test_failed_stage_marks_runs_and_stops_dependents(tmp_path: Path, home: Path
     fixed = run(wf, home, kinds={"register": "version"})
     assert calls(tmp_path) == ["after", "r"]
     assert fixed.stages["r"].record.outputs["version"]["value"] == 1  # type: ignore[union-attr]
+
+
+def test_unschedulable_stage_fails_fast_instead_of_waiting(
+    tmp_path: Path, home: Path, ray_session: None
+) -> None:
+    extra = "  - {name: g, kind: evaluate, dataset: d, max_samples: 5, needs: [], resources: {gpus: 1}}\n"
+    with pytest.raises(StageFailed) as info:
+        run(write(tmp_path, extra=extra), home)
+    failed = info.value.summary.stages["g"]
+    assert failed.state == "failed"
+    assert "needs 1 GPU but the Ray cluster has" in (failed.error or "")

@@ -62,21 +62,28 @@ def test_validate_a_missing_file(runner: CliRunner, tmp_path: Path) -> None:
     assert "cannot read workflow" in result.output and "Traceback" not in result.output
 
 
+def schema_args(tmp_path: Path, schema: Path) -> list[str]:
+    # Both generated files go to tmp_path: the command must never touch the checkout from a test.
+    return ["schema", "-o", str(schema), "--reference", str(tmp_path / "reference.md")]
+
+
 def test_schema_check_on_a_stale_file_exits_1(runner: CliRunner, tmp_path: Path) -> None:
     stale = tmp_path / "schema.json"
+    assert runner.invoke(app, schema_args(tmp_path, stale)).exit_code == 0
     stale.write_text(schema_json().replace('"Workflow name', '"An old description of the workflow name'))
-    result = runner.invoke(app, ["schema", "--check", "-o", str(stale)])
+    result = runner.invoke(app, [*schema_args(tmp_path, stale), "--check"])
     assert result.exit_code == 1
-    assert "is stale" in result.output
-    assert runner.invoke(app, ["schema", "--check", "-o", str(tmp_path / "absent.json")]).exit_code == 1
+    assert "stale" in result.output and str(stale) in result.output
+    absent = tmp_path / "absent.json"
+    assert runner.invoke(app, [*schema_args(tmp_path, absent), "--check"]).exit_code == 1
 
 
-def test_schema_writes_a_current_file(runner: CliRunner, tmp_path: Path) -> None:
+def test_schema_writes_current_files(runner: CliRunner, tmp_path: Path) -> None:
     out = tmp_path / "sub" / "schema.json"
-    assert runner.invoke(app, ["schema", "-o", str(out)]).exit_code == 0
+    assert runner.invoke(app, schema_args(tmp_path, out)).exit_code == 0
     assert out.read_text() == schema_json()
-    result = runner.invoke(app, ["schema", "--check", "-o", str(out)])
-    assert result.exit_code == 0 and "is current" in result.output
+    result = runner.invoke(app, [*schema_args(tmp_path, out), "--check"])
+    assert result.exit_code == 0 and "current" in result.output and "stale" not in result.output
 
 
 def test_plan_json_lists_the_stages_and_creates_no_tracking_store(runner: CliRunner, tmp_path: Path) -> None:

@@ -210,3 +210,24 @@ def test_write_text_atomic(tmp_path: Path) -> None:
     write_text_atomic(target, "two")
     assert target.read_text() == "two"
     assert [p.name for p in target.parent.iterdir()] == ["state.json"]  # no temp files left behind
+
+
+def test_republishing_repairs_a_damaged_publication(tmp_path: Path) -> None:
+    final = published(tmp_path, {"a.txt": "first", "b.txt": "kept"})
+    (final / "b.txt").unlink()
+    assert verify(final)
+    m = publish(fill(new_staging_dir(final), {"a.txt": "second", "b.txt": "new"}), final)
+    assert verify(final) == [] and m.digest == dir_digest(final)
+    assert (final / "b.txt").read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_a_stage_rerun_after_damage_is_found_again(tmp_path: Path) -> None:
+    store = StageStore(tmp_path)
+    key = "e" * 64
+    store.publish(key, stage_result(store, key), values={}, metrics={}, meta={})
+    (store.path(key) / "merged" / "w.bin").unlink()
+    assert store.lookup(key) is None
+    rec = store.publish(key, stage_result(store, key), values={}, metrics={}, meta={})
+    assert verify(rec.path) == []
+    assert store.lookup(key) is not None

@@ -410,7 +410,7 @@ def test_requires_gpu_on_a_cpu_workflow(env: Env) -> None:
     plan = env.plan("stages:\n  - {name: eval, kind: evaluate, dataset: sft}\n", reg)
     (p,) = plan.stage("eval").problems
     assert (p.field, (p.line, p.col)) == ("stages[0].kind", after(plan.loaded.text, "kind: "))
-    assert "needs a GPU" in p.message and p.hint == "set resources.device: gpu"
+    assert p.message == "evaluate needs a GPU" and p.hint == "set resources.device: gpu"
 
 
 def test_cpu_only_operator_on_a_gpu_workflow(env: Env) -> None:
@@ -418,7 +418,12 @@ def test_cpu_only_operator_on_a_gpu_workflow(env: Env) -> None:
     plan = env.plan(
         "resources: {device: gpu}\nstages:\n  - {name: eval, kind: evaluate, dataset: sft}\n", reg
     )
-    assert problem_text(plan.stage("eval")) == ["evaluate (None) does not run on GPUs"]
+    assert problem_text(plan.stage("eval")) == ["evaluate does not run on GPUs"]
+    hf = registry(op("finetune", "hf", gpu=False))
+    tune = env.plan(
+        "resources: {device: gpu}\nstages:\n  - {name: t, kind: finetune, method: lora, dataset: sft}\n", hf
+    )
+    assert problem_text(tune.stage("t")) == ["finetune (hf) does not run on GPUs"]
 
 
 def test_gpu_only_option_on_cpu(env: Env) -> None:

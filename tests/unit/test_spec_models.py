@@ -271,6 +271,25 @@ def test_a_valid_workflow_loads_without_problems(tmp_path: Path) -> None:
     assert loaded.source.at("stages[0].no.such.field") == loaded.source.at("stages[0]") == (7, 5)
 
 
+def test_yaml_anchors_and_merge_keys_load(tmp_path: Path) -> None:
+    loaded = load(
+        tmp_path,
+        """
+        - &eval
+          name: eval-a
+          kind: evaluate
+          dataset: sft
+          max_samples: 16
+        - <<: *eval
+          name: eval-b
+          needs: []
+        """,
+    )
+    a, b = loaded.workflow.stages
+    assert isinstance(a, EvaluateStage) and isinstance(b, EvaluateStage)
+    assert (b.name, b.dataset, b.max_samples, b.needs) == ("eval-b", "sft", 16, [])
+
+
 def test_a_broken_workflow_raises_workflow_error(tmp_path: Path) -> None:
     with pytest.raises(WorkflowError, match="unknown dataset 'sfd'"):
         load(tmp_path, "- {name: eval, kind: evaluate, dataset: sfd}")

@@ -142,7 +142,7 @@ def publish(staging: Path, final: Path, meta: dict[str, Any] | None = None) -> M
     """Seal ``staging`` with a manifest and move it to ``final`` atomically.
 
     If ``final`` already holds a complete publication (a concurrent identical stage), that one wins
-    and ``staging`` is removed.
+    and ``staging`` is removed; one damaged since it was published is replaced.
     """
     table = file_table(staging)
     for rel in table:
@@ -162,8 +162,12 @@ def publish(staging: Path, final: Path, meta: dict[str, Any] | None = None) -> M
         existing = read_manifest(final)
         if existing is None:
             raise
-        shutil.rmtree(staging, ignore_errors=True)
-        return existing
+        if not verify(final):
+            shutil.rmtree(staging, ignore_errors=True)
+            return existing
+        # The earlier publication was damaged since (a file lost or truncated): this one replaces it.
+        shutil.rmtree(final)
+        os.rename(staging, final)
     _fsync_path(final.parent, directory=True)
     return manifest
 

@@ -40,6 +40,7 @@ class ModelShape:
     kv_heads: int | None = None
     intermediate: int | None = None
     vocab: int | None = None
+    head_dim: int | None = None  # explicit in some configs (e.g. Qwen3, Gemma), else hidden // heads
     source: str = "unknown"  # where the numbers came from: config.json | builtin | declared | name
 
     def hidden_or_guess(self) -> int:
@@ -65,7 +66,7 @@ def shape_from_config(config: dict[str, Any], source: str = "config.json") -> Mo
     per_layer = attn + 3 * h * inter + 2 * h
     tied = bool(config.get("tie_word_embeddings", False))
     total = vocab * h + L * per_layer + h + (0 if tied else vocab * h)
-    return ModelShape(total, h, L, nh, nkv, inter, vocab, source)
+    return ModelShape(total, h, L, nh, nkv, inter, vocab, hd, source)
 
 
 def shape_from_dir(path: Path) -> ModelShape | None:
@@ -92,7 +93,7 @@ def lora_params(shape: ModelShape, r: int, target_modules: list[str] | str) -> i
     L = shape.layers_or_guess()
     if shape.heads and shape.intermediate:
         nh, nkv = shape.heads, shape.kv_heads or shape.heads
-        hd = h // nh
+        hd = shape.head_dim or h // nh
         inter = shape.intermediate
         dims = {
             "q_proj": (h, nh * hd),

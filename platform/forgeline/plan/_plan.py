@@ -367,14 +367,11 @@ class Planner:
             )
             return
         caps = op.capabilities
+        label = sp.kind + (f" ({sp.backend})" if sp.backend else "")  # not "evaluate (None)"
         if res.device == "cpu" and caps.requires_gpu:
-            sp.problems.append(
-                src.problem(
-                    f"{at}.kind", f"{sp.kind} ({sp.backend}) needs a GPU", "set resources.device: gpu"
-                )
-            )
+            sp.problems.append(src.problem(f"{at}.kind", f"{label} needs a GPU", "set resources.device: gpu"))
         if res.device == "gpu" and not caps.gpu:
-            sp.problems.append(src.problem(f"{at}.kind", f"{sp.kind} ({sp.backend}) does not run on GPUs"))
+            sp.problems.append(src.problem(f"{at}.kind", f"{label} does not run on GPUs"))
         if isinstance(stage, QuantizeStage) and res.device == "cpu" and stage.format in caps.gpu_only_options:
             sp.problems.append(
                 src.problem(

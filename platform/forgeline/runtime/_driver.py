@@ -350,11 +350,25 @@ class Driver:
             options["num_gpus"] = sp.gpus
         if stage.resources and stage.resources.memory_gb:
             options["memory"] = int(stage.resources.memory_gb * 2**30)
-        if self._remote is None:
-            import ray
+        import ray
 
+        if self._remote is None:
             self._started_ray = ensure_ray(self.settings.ray)
             self._remote = ray.remote(execute)
+        # A request the cluster can never meet would wait forever: fail it now with the numbers.
+        total = ray.cluster_resources()
+        short = [
+            f"{need:g} {res}"
+            for res, need in (("CPU", sp.cpus), ("GPU", sp.gpus))
+            if need > total.get(res, 0)
+        ]
+        if short:
+            have = f"{total.get('CPU', 0):g} CPU, {total.get('GPU', 0):g} GPU"
+            msg = f"needs {' and '.join(short)} but the Ray cluster has {have} in total"
+            self._complete_stage(
+                tracker, name, task, {"ok": False, "error": msg, "seconds": 0.0}, children, outcomes
+            )
+            return None
         ref = self._remote.options(**options).remote(task)
         self.progress(name, "running", {"key": key})
         return ref, task

@@ -92,12 +92,14 @@ def format_path(loc: Loc) -> str:
 
 def _index_positions(node: Any, prefix: str, smap: SourceMap) -> None:
     if isinstance(node, CommentedMap):
+        own = node.lc.data or {}
         for key in node:
             path = f"{prefix}.{key}" if prefix else str(key)
-            kline, kcol = node.lc.key(key)
-            vline, vcol = node.lc.value(key)
-            smap.positions[path + "#key"] = (kline + 1, kcol + 1)
-            smap.positions[path] = (vline + 1, vcol + 1)
+            if key in own:  # keys merged in with `<<: *anchor` have no position of their own here
+                kline, kcol = node.lc.key(key)
+                vline, vcol = node.lc.value(key)
+                smap.positions[path + "#key"] = (kline + 1, kcol + 1)
+                smap.positions[path] = (vline + 1, vcol + 1)
             _index_positions(node[key], path, smap)
     elif isinstance(node, CommentedSeq):
         for i, item in enumerate(node):
@@ -357,8 +359,8 @@ def _semantic_problems(
                 problems.append(
                     smap.problem(
                         fpath,
-                        f"stage {target!r} is a {kinds.get(target)!r} stage; compare against 'base' or a "
-                        "finetune/quantize stage",
+                        f"stage {target!r} (kind {kinds.get(target)!r}) produces no model; "
+                        "compare against 'base' or a finetune/quantize stage",
                     )
                 )
                 ref = None

@@ -39,7 +39,7 @@ def default_home(cwd: Path | None = None) -> Path:
 
 
 def resolve_settings(uri: str | None, experiment: str, home: Path) -> TrackingSettings:
-    """Explicit URI > MLFLOW_TRACKING_URI > the embedded SQLite store under ``home``."""
+    """MLFLOW_TRACKING_URI (the operator's override) > the workflow's URI > embedded SQLite under ``home``."""
     chosen = os.environ.get("MLFLOW_TRACKING_URI") or uri or f"sqlite:///{home / 'mlflow.db'}"
     return TrackingSettings(uri=chosen, experiment=experiment, artifact_root=home / "artifacts" / "mlflow")
 
