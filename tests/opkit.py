@@ -43,6 +43,7 @@ def echo(ctx: StageContext) -> StageResult:
 def slow(ctx: StageContext) -> StageResult:
     """Records that it started, then waits (bounded) for a 'release' file next to the dataset."""
     base = _log_call(ctx, ":started")
+    (base / "slow.pid").write_text(str(os.getpid()))
     deadline = time.time() + 120
     while time.time() < deadline:
         if (base / "release").exists():

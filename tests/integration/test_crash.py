@@ -3,23 +3,21 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 import opkit
-from forgeline.artifacts import StageStore
+from forgeline.artifacts import StageStore, pid_alive
 from forgeline.runtime import RunSettings, run_workflow
 from forgeline.spec import load_workflow
 from forgeline.tracking import TAG_ROLE, TAG_STAGE, TAG_STATE
+from processes import kill_session, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -33,20 +31,6 @@ stages:
   - {name: a, kind: evaluate, dataset: d, max_samples: 1}
   - {name: s, kind: finetune, method: sft, dataset: d}
 """
-
-
-def wait_for(
-    proc: subprocess.Popen[str], predicate: Callable[[], bool], what: str, deadline_s: float = 120
-) -> None:
-    end = time.time() + deadline_s
-    while time.time() < end:
-        if predicate():
-            return
-        if proc.poll() is not None:
-            output = proc.stdout.read() if proc.stdout else ""
-            raise AssertionError(f"driver exited ({proc.returncode}) before {what}:\n{output}")
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def start_driver(tmp: Path, home: Path) -> subprocess.Popen[str]:
@@ -83,26 +67,21 @@ def children(home: Path, run_id: str) -> dict[str, object]:
     return {r.data.tags[TAG_STAGE]: r for r in runs}
 
 
-def kill_session(proc: subprocess.Popen[str]) -> None:
-    """SIGKILL every process of the driver's session: Ray puts workers in their own process groups."""
-    out = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True, check=True).stdout
-    for line in out.splitlines():
-        pid, sid = (int(x) for x in line.split())
-        if sid == proc.pid:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-    if proc.poll() is None:
-        proc.wait(timeout=30)
+def interrupt_when_started(proc: subprocess.Popen[str], tmp: Path, sig: int) -> None:
+    """Send ``sig`` to the driver once the slow stage runs; then clean up its whole session."""
+    try:
+        wait_for(lambda: "s:started" in log_lines(tmp), "stage s to start", proc=proc)
+        os.kill(proc.pid, sig)
+        proc.wait(timeout=60)
+    finally:
+        kill_session(proc.pid)
+        if proc.poll() is None:
+            proc.wait(timeout=30)
 
 
 def test_kill9_mid_stage_then_resume(tmp_path: Path, home: Path, ray_session: None) -> None:
     proc = start_driver(tmp_path, home)
-    try:
-        wait_for(proc, lambda: "s:started" in log_lines(tmp_path), "stage s to start")
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        kill_session(proc)
+    interrupt_when_started(proc, tmp_path, signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL
     assert log_lines(tmp_path) == ["a", "s:started"]
 
@@ -138,14 +117,16 @@ def test_kill9_mid_stage_then_resume(tmp_path: Path, home: Path, ray_session: No
 def test_sigint_cancels_running_stage_and_marks_runs_killed(tmp_path: Path, home: Path) -> None:
     proc = start_driver(tmp_path, home)
     try:
-        wait_for(proc, lambda: "s:started" in log_lines(tmp_path), "stage s to start")
+        wait_for(lambda: (tmp_path / "slow.pid").exists(), "stage s to start", proc=proc)
+        worker = int((tmp_path / "slow.pid").read_text())
         os.kill(proc.pid, signal.SIGINT)
         proc.wait(timeout=60)
+        assert proc.returncode == 130
+        # The driver cancelled the task: the worker running the operator goes away by itself.
+        wait_for(lambda: not pid_alive(worker), "the cancelled stage's worker to exit", deadline_s=30)
     finally:
-        kill_session(proc)
-    assert proc.returncode == 130
-    time.sleep(1.0)
-    assert "s:finished" not in log_lines(tmp_path)  # the task was cancelled, not left running
+        kill_session(proc.pid)
+    assert "s:finished" not in log_lines(tmp_path)
     run = workflow_run(home)
     assert run.info.status == "KILLED"  # type: ignore[attr-defined]
     kids = children(home, run.info.run_id)  # type: ignore[attr-defined]

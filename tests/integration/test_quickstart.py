@@ -1,49 +1,84 @@
-"""The main job through the real CLI in a fresh process: real Ray, real MLflow, real operators.
+"""The main job through the real CLI in fresh processes: real Ray, real MLflow, real operators.
 
-It must finish, register a model version with the candidate alias, and a rerun must run nothing.
+`kill -9` of `forgeline run` after the first stage finished, then `forgeline resume RUN_ID` finishes
+the same MLflow run without redoing that stage; a model version is registered with the candidate
+alias; a plain rerun runs nothing.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
+from forgeline.tracking import TAG_ROLE, TAG_STAGE
+from processes import kill_session
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
 
 ROOT = Path(__file__).resolve().parents[2]
+CLI = [sys.executable, "-m", "forgeline.cli"]
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
 def forgeline(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "forgeline.cli", *args, "--home", str(home)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=800,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        [*CLI, *args, "--home", str(home)], cwd=ROOT, capture_output=True, text=True, timeout=800, env=ENV
     )
 
 
-def test_quickstart_runs_end_to_end_then_fully_cached(home: Path) -> None:
-    first = forgeline("run", "workflows/quickstart.yaml", home=home)
-    assert first.returncode == 0, first.stdout + first.stderr
-    assert "FINISHED" in first.stdout
+def test_quickstart_kill9_resume_then_fully_cached(home: Path) -> None:
     client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
-    versions = client.search_model_versions("name = 'quickstart-tiny-llama'")
-    assert len(versions) == 1
+    proc = subprocess.Popen(
+        [*CLI, "run", "workflows/quickstart.yaml", "--home", str(home)],
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    run_id = None
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and run_id is None:
+            assert proc.poll() is None, "forgeline run ended before the test could kill it"
+            for r in client.search_runs(
+                [e.experiment_id for e in client.search_experiments()],
+                filter_string="attributes.status = 'FINISHED' and tags.`forgeline.role` = 'stage'",
+            ):
+                run_id = r.data.tags["mlflow.parentRunId"]
+            time.sleep(0.3)
+        assert run_id is not None, "no stage finished within 300 s"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        kill_session(proc.pid)
+    assert client.get_run(run_id).info.status == "RUNNING"  # the driver died without a word
+
+    resumed = forgeline("resume", run_id, home=home)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert client.get_run(run_id).info.status == "FINISHED"
+    exp = client.get_run(run_id).info.experiment_id
+    children = client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'")
+    stages = sorted(c.data.tags[TAG_STAGE] for c in children)
+    assert stages == ["eval-base", "eval-task", "register"]  # one child per stage, none duplicated
+    assert all(c.info.status == "FINISHED" for c in children)
+    workflow_runs = client.search_runs([exp], filter_string=f"tags.`{TAG_ROLE}` = 'workflow'")
+    assert len(workflow_runs) == 1  # resume continued the same run
+
     mv = client.get_model_version_by_alias("quickstart-tiny-llama", "candidate")
     assert mv.tags["forgeline.sha256"]
     assert Path(mv.source.removeprefix("file://")).is_dir()  # registered by reference, not uploaded
 
-    second = forgeline("run", "workflows/quickstart.yaml", home=home)
-    assert second.returncode == 0, second.stdout + second.stderr
-    assert " cached" in second.stderr
-    assert "succeeded" not in second.stdout.split("FINISHED", 1)[1].split("\n", 1)[0]
+    again = forgeline("run", "workflows/quickstart.yaml", home=home)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "3 cached" in again.stdout
     assert len(client.search_model_versions("name = 'quickstart-tiny-llama'")) == 1
 
     status = forgeline("status", home=home)
