@@ -54,11 +54,11 @@ def _fail(exc: BaseException, verbose: bool, code: int = 1) -> typer.Exit:
         traceback.print_exception(exc)
     if isinstance(exc, WorkflowError):
         for p in exc.problems:
-            err.print(str(p), markup=False, highlight=False)
+            err.print(str(p), markup=False, highlight=False, soft_wrap=True)
         n = len(exc.problems)
         err.print(f"{n} problem{'s' if n != 1 else ''} found", style="red")
     else:
-        err.print(f"error: {exc}", markup=False, highlight=False, style="red")
+        err.print(f"error: {exc}", markup=False, highlight=False, style="red", soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -81,9 +81,13 @@ def validate(
             loaded = load_workflow(f)
             out.print(f"{f}: ok ({len(loaded.workflow.stages)} stages)", highlight=False)
         except WorkflowError as e:
+            if verbose:
+                import traceback
+
+                traceback.print_exception(e)
             problems.extend(e.problems)
     if problems:
-        raise _fail(WorkflowError(problems), verbose)
+        raise _fail(WorkflowError(problems), False)
 
 
 @app.command()
@@ -245,6 +249,40 @@ def resume(
         out.print(f"run {run_id} already FINISHED; nothing to resume")
         return
     _run(path, home, ray_address, False, verbose, resume_run_id=run_id, text=text)
+
+
+@app.command()
+def cancel(
+    run_id: Annotated[str, typer.Argument(help="Workflow run id.")],
+    home: Home = None,
+    verbose: Verbose = False,
+) -> None:
+    """Cancel a running workflow: its driver cancels running stages and marks the runs KILLED."""
+    import signal
+    import socket
+
+    from forgeline.artifacts import pid_alive
+    from forgeline.runtime import reap_dead_drivers
+    from forgeline.tracking import TAG_DRIVER_HOST, TAG_DRIVER_PID, Tracker, resolve_settings
+
+    tracker = Tracker(resolve_settings(None, "", _home(home)).uri)
+    try:
+        run = tracker.get_run(run_id)
+    except Exception as e:
+        raise _fail(e, verbose) from None
+    if run.info.status != "RUNNING":
+        out.print(f"run {run_id} is {run.info.status}; nothing to cancel")
+        return
+    tags = run.data.tags
+    if tags.get(TAG_DRIVER_HOST) != socket.gethostname():
+        raise _fail(RuntimeError(f"run {run_id} is driven from host {tags.get(TAG_DRIVER_HOST)!r}"), verbose)
+    pid = int(tags.get(TAG_DRIVER_PID, "0") or 0)
+    if pid > 0 and pid_alive(pid):
+        os.kill(pid, signal.SIGINT)  # the driver's Ctrl-C path: cancel tasks, mark KILLED
+        out.print(f"sent SIGINT to driver {pid} of run {run_id}")
+    else:
+        reap_dead_drivers(tracker, run.info.experiment_id)
+        out.print(f"driver of run {run_id} is gone; marked KILLED")
 
 
 @app.command()

@@ -133,3 +133,22 @@ def test_sigint_cancels_running_stage_and_marks_runs_killed(tmp_path: Path, home
     assert kids["a"].info.status == "FINISHED"  # type: ignore[attr-defined]
     assert kids["s"].info.status == "KILLED"  # type: ignore[attr-defined]
     assert kids["s"].data.tags[TAG_STATE] == "killed"  # type: ignore[attr-defined]
+
+
+def test_cli_cancel_stops_a_run_from_another_terminal(tmp_path: Path, home: Path) -> None:
+    proc = start_driver(tmp_path, home)
+    try:
+        wait_for(lambda: "s:started" in log_lines(tmp_path), "stage s to start", proc=proc)
+        run_id = workflow_run(home).info.run_id  # type: ignore[attr-defined]
+        cancel = subprocess.run(
+            [sys.executable, "-m", "forgeline.cli", "cancel", run_id, "--home", str(home)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert cancel.returncode == 0, cancel.stdout + cancel.stderr
+        proc.wait(timeout=60)
+    finally:
+        kill_session(proc.pid)
+    assert proc.returncode == 130
+    assert workflow_run(home).info.status == "KILLED"  # type: ignore[attr-defined]

@@ -335,7 +335,19 @@ def _semantic_problems(
                 )
                 continue
             fmt = data[ds_name].get("format") if isinstance(data[ds_name], dict) else None
-            if isinstance(stage, FinetuneStage) and fpath == "dataset":
+            wants_exact = isinstance(stage, EvaluateStage) and (
+                "exact_match" in stage.metrics or stage.gates.min_exact_match is not None
+            )
+            if wants_exact and fmt != "sft":
+                problems.append(
+                    smap.problem(
+                        f"{at}.{fpath}",
+                        f"exact_match compares generated completions, so it needs an 'sft' dataset; "
+                        f"{ds_name!r} is {fmt!r}",
+                        "drop exact_match / min_exact_match or evaluate on an sft dataset",
+                    )
+                )
+            if isinstance(stage, FinetuneStage) and fpath in ("dataset", "eval_dataset"):
                 allowed = _DATASET_FORMATS_FOR_METHOD[stage.method]
                 if fmt not in allowed:
                     problems.append(
