@@ -67,6 +67,7 @@ def version(ctx: StageContext) -> StageResult:
 
 def fail(ctx: StageContext) -> StageResult:
     _log_call(ctx)
+    print("progress line printed by a library")
     raise OperatorError("this stage always fails (test operator)")
 
 

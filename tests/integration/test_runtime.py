@@ -123,6 +123,9 @@ def test_failed_stage_marks_runs_and_stops_dependents(tmp_path: Path, home: Path
     assert "always fails" in r.data.tags[TAG_ERROR]  # type: ignore[attr-defined]
     logs = {f.path for f in client.list_artifacts(r.info.run_id, "logs")}  # type: ignore[attr-defined]
     assert "logs/r.log" in logs and "logs/traceback.txt" in logs
+    log_text = Path(client.download_artifacts(r.info.run_id, "logs/r.log", str(tmp_path))).read_text()  # type: ignore[attr-defined]
+    assert "progress line printed by a library" in log_text  # stdout is captured too
+    assert "always fails" in log_text
     assert children["after"].data.tags[TAG_STATE] == "skipped"  # type: ignore[attr-defined]
     # The stages that finished are kept: a rerun with a fixed operator runs only r and after.
     fixed = run(wf, home, kinds={"register": "version"})

@@ -8,16 +8,19 @@ driver gets operator errors and gate failures as clean messages rather than wrap
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from forgeline.artifacts import ModelStore, StageRecord, StageStore
 from forgeline.registry import OperatorRegistry, OperatorSpec, default_registry
@@ -114,7 +117,9 @@ def execute(task: StageTask) -> dict[str, Any]:
         logger.info(
             "stage %s starting (key %s, operator %s)", task.stage_name, task.key, task.operator.entrypoint
         )
-        result = task.operator.load()(ctx)
+        # Libraries print progress (trl, tqdm): keep it in the stage log as well as Ray's worker log.
+        with _tee_output(task.log_path):
+            result = task.operator.load()(ctx)
         if not isinstance(result, StageResult):
             raise OperatorError(
                 f"operator {task.operator.entrypoint} returned {type(result).__name__}, not StageResult"
@@ -154,6 +159,30 @@ def execute(task: StageTask) -> dict[str, Any]:
         shutil.rmtree(work, ignore_errors=True)
         root.removeHandler(handler)
         handler.close()
+
+
+class _Tee(io.TextIOBase):
+    def __init__(self, *streams: TextIO) -> None:
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for stream in self.streams:
+            stream.flush()
+
+
+@contextlib.contextmanager
+def _tee_output(log_path: Path) -> Iterator[None]:
+    with (
+        open(log_path, "a", encoding="utf-8", buffering=1) as log,
+        contextlib.redirect_stdout(_Tee(sys.stdout, log)),
+        contextlib.redirect_stderr(_Tee(sys.stderr, log)),
+    ):
+        yield
 
 
 def _place_outputs(result: StageResult, staging: Path, stage: Any) -> dict[str, Any]:
