@@ -286,6 +286,37 @@ def cancel(
 
 
 @app.command()
+def gc(
+    keep_days: Annotated[float, typer.Option(help="Keep stage results younger than this.")] = 7.0,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what would be removed.")] = False,
+    home: Home = None,
+) -> None:
+    """Free disk: remove cached stage results that nothing needs any more.
+
+    Kept: results younger than --keep-days, the latest result of every stage of every workflow (what a
+    rerun reuses), and every directory a registered MLflow model version points at.
+    """
+    from forgeline.artifacts import StageStore
+    from forgeline.plan import human_bytes
+    from forgeline.tracking import Tracker, resolve_settings
+
+    h = _home(home)
+    store = StageStore(h / "artifacts")
+    protected = store.indexed_keys()
+    tracker = Tracker(resolve_settings(None, "", h).uri)
+    prefix = store.stages_dir.resolve().as_uri() + "/"
+    for mv in tracker.client.search_model_versions(max_results=10000):
+        if str(mv.source).startswith(prefix):
+            protected.add(str(mv.source)[len(prefix) :].split("/", 1)[0])
+    removed = store.collect(protected, keep_days * 86400, dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    for key, size in removed:
+        out.print(f"{verb} {key[:12]}  {human_bytes(size)}", highlight=False)
+    total = sum(size for _, size in removed)
+    out.print(f"{verb} {len(removed)} stage results, {human_bytes(total)}; kept {len(protected)} protected")
+
+
+@app.command()
 def status(
     run_id: Annotated[str | None, typer.Argument(help="Workflow run id (default: the latest).")] = None,
     home: Home = None,

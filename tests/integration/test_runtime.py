@@ -142,3 +142,26 @@ def test_unschedulable_stage_fails_fast_instead_of_waiting(
     failed = info.value.summary.stages["g"]
     assert failed.state == "failed"
     assert "needs 1 GPU but the Ray cluster has" in (failed.error or "")
+
+
+def test_gc_removes_only_superseded_results(tmp_path: Path, home: Path, ray_session: None) -> None:
+    from typer.testing import CliRunner
+
+    from forgeline.artifacts import StageStore
+    from forgeline.cli import app
+
+    old = run(write(tmp_path), home)
+    new = run(write(tmp_path, b_samples=7), home)  # supersedes b and d2
+    superseded = {old.stages["b"].key, old.stages["d2"].key}
+    store = StageStore(home / "artifacts")
+    runner = CliRunner()
+    dry = runner.invoke(app, ["gc", "--keep-days", "0", "--dry-run", "--home", str(home)])
+    assert dry.exit_code == 0, dry.output
+    assert "would remove 2 stage results" in dry.output
+    assert all(store.lookup(k) is not None for k in superseded)  # a dry run removes nothing
+    done = runner.invoke(app, ["gc", "--keep-days", "0", "--home", str(home)])
+    assert done.exit_code == 0, done.output
+    assert all(store.lookup(k) is None for k in superseded)
+    assert all(store.lookup(o.key or "") is not None for o in new.stages.values())
+    assert calls(tmp_path) and run(write(tmp_path, b_samples=7), home).state == "FINISHED"
+    assert calls(tmp_path) == []  # the kept results still serve a cached rerun

@@ -10,6 +10,9 @@ key each stage had, so ``plan --explain`` can say which component changed.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,6 +111,44 @@ class StageStore:
             return data
         except (OSError, ValueError):
             return None
+
+    # ------------------------------------------------------------------ gc
+    def indexed_keys(self) -> set[str]:
+        """The last key of every stage of every workflow (what a rerun would reuse)."""
+        keys = set()
+        for f in (self.stages_dir / "index").glob("*/*.json"):
+            try:
+                keys.add(str(json.loads(f.read_text())["key"]))
+            except (OSError, ValueError, KeyError):
+                continue
+        return keys
+
+    def collect(
+        self, protected: set[str], older_than_s: float, dry_run: bool = True
+    ) -> list[tuple[str, int]]:
+        """Remove published stages that are not protected and older than ``older_than_s``.
+
+        Returns ``(key, bytes)`` of what was (or, with ``dry_run``, would be) removed. Removal first
+        renames the entry out of the key namespace, so a concurrent lookup never sees half of it.
+        """
+        now = time.time()
+        removed: list[tuple[str, int]] = []
+        if not self.stages_dir.is_dir():
+            return removed
+        for entry in sorted(self.stages_dir.iterdir()):
+            if entry.name.startswith(".") or entry.name == "index" or entry.name in protected:
+                continue
+            m = read_manifest(entry)
+            published = float(m.meta.get("published_at", 0)) if m else entry.stat().st_mtime
+            if now - published < older_than_s:
+                continue
+            size = sum(int(f.get("size", 0)) for f in m.files.values()) if m else 0
+            removed.append((entry.name, size))
+            if not dry_run:
+                doomed = entry.with_name(f".trash-{entry.name}-{os.getpid()}")
+                entry.rename(doomed)
+                shutil.rmtree(doomed, ignore_errors=True)
+        return removed
 
 
 def _record(key: str, path: Path, m: Manifest) -> StageRecord:
