@@ -21,10 +21,58 @@ def operator_specs() -> list[OperatorSpec]:
             description="Perplexity, token accuracy and exact match with transformers; gates.",
         ),
         OperatorSpec(
+            kind="finetune",
+            backend="hf",
+            entrypoint="forgeline_operators.finetune.operator:run",
+            version="1",
+            capabilities=Capabilities(
+                cpu=True, gpu=True, data_parallel=True, tensor_parallel=False, pipeline_parallel=False
+            ),
+            description="SFT, LoRA, QLoRA (bitsandbytes NF4) and DPO with trl + peft; dp over Ray Train.",
+        ),
+        OperatorSpec(
+            kind="quantize",
+            entrypoint="forgeline_operators.quantize.operator:run",
+            version="1",
+            capabilities=Capabilities(cpu=True, gpu=True, gpu_only_options=frozenset({"nvfp4"})),
+            description="ModelOpt PTQ (HF + TRT-LLM checkpoints) or NNCF OpenVINO weight compression; gated.",
+        ),
+        OperatorSpec(
+            kind="build",
+            backend="openvino",
+            entrypoint="forgeline_operators.build.operator:run_openvino",
+            version="1",
+            capabilities=Capabilities(cpu=True, gpu=True),
+            description="OpenVINO IR (optimum-intel export, NNCF weights, tokenizer IRs) for OpenVINO GenAI.",
+        ),
+        OperatorSpec(
+            kind="build",
+            backend="tensorrt-llm",
+            entrypoint="forgeline_operators.build.operator:run_tensorrt_llm",
+            version="1",
+            capabilities=Capabilities(cpu=True, gpu=True, tensor_parallel=True, pipeline_parallel=True),
+            description="trtllm-build command + LLM-API YAML, validated; builds where tensorrt_llm imports",
+        ),
+        OperatorSpec(
             kind="register",
             entrypoint="forgeline_operators.register.operator:run",
             version="1",
             capabilities=Capabilities(cpu=True, gpu=True),
             description="Register a directory as an MLflow model version (by reference) and set an alias.",
+        ),
+        OperatorSpec(
+            kind="serve",
+            entrypoint="forgeline_operators.serve.operator:run",
+            version="1",
+            capabilities=Capabilities(cpu=True, gpu=False),
+            description="Triton model repository: OpenVINO GenAI continuous batching in a python model.",
+        ),
+        OperatorSpec(
+            kind="deploy",
+            backend="triton",
+            entrypoint="forgeline_operators.deploy.operator:run",
+            version="1",
+            capabilities=Capabilities(cpu=True, gpu=False),
+            description="Local endpoint: detached tritonserver + OpenAI-compatible front.",
         ),
     ]

@@ -451,6 +451,9 @@ def schema(
         out.print("schema and reference are current")
 
 
+__import__("forgeline._cli_serving", fromlist=["register"]).register(app)  # serve, endpoints, bench
+
+
 def main() -> None:
     app()
 

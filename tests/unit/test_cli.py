@@ -130,5 +130,6 @@ def test_plan_problems_exit_1_after_the_plan(runner: CliRunner, tmp_path: Path) 
     assert result.exit_code == 1
     plan = json.loads(result.stdout)
     assert [s["name"] for s in plan["stages"]] == ["squeeze"]
-    assert f"{wf}:5:27: stages[0].kind: operator not installed for kind 'quantize'" in result.output
+    # nvfp4 is a GPU-only option of the quantize operator: refused on a CPU workflow, located.
+    assert f"{wf}:5:45: stages[0].format: format 'nvfp4' needs CUDA" in result.output
     assert "Traceback" not in result.output

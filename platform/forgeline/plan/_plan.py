@@ -260,6 +260,10 @@ class Planner:
         cpus = (
             stage.resources.cpus if stage.resources and stage.resources.cpus else None
         ) or res.cpus_per_stage
+        if isinstance(stage, FinetuneStage) and stage.parallelism.dp > 1:
+            # The stage's task only coordinates a Ray Train run whose dp workers reserve `cpus` each;
+            # a coordinator holding CPUs too could starve them (dp=2 on a 2-CPU cluster never starts).
+            cpus = 0
         return StagePlan(
             name=stage.name,
             kind=kind,

@@ -111,6 +111,7 @@ def execute(task: StageTask) -> dict[str, Any]:
         threads=task.threads,
         run_id=task.run_id,
         tracking_uri=task.tracking.uri,
+        home=task.home,
         logger=logger,
     )
     try:

@@ -107,6 +107,7 @@ class StageContext:
     threads: int = 1
     run_id: str | None = None  # MLflow child run of this stage
     tracking_uri: str | None = None
+    home: Path | None = None  # the Forgeline state directory (.forgeline): endpoints, logs
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("forgeline.stage"))
 
     def input_path(self, ref: str) -> Path:

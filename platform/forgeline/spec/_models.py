@@ -495,6 +495,9 @@ class DeployStage(StageBase):
     def refs(self) -> dict[str, str]:
         return {"repository": self.repository}
 
+    def backend_name(self) -> str | None:
+        return self.runtime
+
 
 # ---------------------------------------------------------------------------------------- promote
 

@@ -1,0 +1,323 @@
+"""A local endpoint: one supervisor process running tritonserver plus the OpenAI front.
+
+``python -m forgeline_operators.deploy.endpoint --repository R --name N --port P --home H`` runs in
+the foreground: it starts tritonserver (a child in the supervisor's process group), serves the front
+with uvicorn, records itself under ``<home>/endpoints/<name>.json`` (+ ``.pid``, ``.log``) and, on
+SIGTERM/SIGINT, stops the front, then the server, then removes its record.
+
+:func:`start_detached` launches that supervisor detached (like ``docker run -d``) through a short-lived
+trampoline, so it is re-parented away from the caller (a Ray worker's children die with the worker);
+a rerun with the same name replaces the running endpoint. :func:`stop_endpoint` sends SIGTERM, waits,
+then SIGKILLs the whole process group: no orphans.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+
+from forgeline_operators.deploy.triton import TritonPorts, TritonServer, free_port, kill_group
+
+__all__ = [
+    "EndpointError",
+    "EndpointRecord",
+    "endpoints_dir",
+    "list_endpoints",
+    "pid_alive",
+    "start_detached",
+    "stop_all",
+    "stop_endpoint",
+]
+
+_MANIFEST = "forgeline-repository.json"
+
+
+class EndpointError(RuntimeError):
+    """An endpoint did not come up, or could not be found."""
+
+
+@dataclass(frozen=True)
+class EndpointRecord:
+    name: str
+    url: str
+    port: int
+    pid: int
+    pgid: int
+    repository: str
+    model: str
+    triton_url: str
+    log: str
+    started_at: float
+    ready: bool = False
+
+    @property
+    def alive(self) -> bool:
+        return pid_alive(self.pid)
+
+
+def endpoints_dir(home: Path) -> Path:
+    return home / "endpoints"
+
+
+def pid_alive(pid: int) -> bool:
+    """True for a running process; a zombie (exited, not yet reaped) counts as dead."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _record_path(home: Path, name: str) -> Path:
+    return endpoints_dir(home) / f"{name}.json"
+
+
+def _write_record(home: Path, record: EndpointRecord) -> None:
+    path = _record_path(home, record.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(asdict(record), indent=2) + "\n")
+    tmp.replace(path)
+    path.with_suffix(".pid").write_text(f"{record.pid}\n")
+
+
+def _read_record(path: Path) -> EndpointRecord | None:
+    try:
+        return EndpointRecord(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def list_endpoints(home: Path, prune: bool = True) -> list[EndpointRecord]:
+    """Recorded endpoints; records of dead supervisors are removed when ``prune``."""
+    out = []
+    for path in sorted(endpoints_dir(home).glob("*.json")):
+        rec = _read_record(path)
+        if rec is None:
+            continue
+        if not rec.alive and prune:
+            path.unlink(missing_ok=True)
+            path.with_suffix(".pid").unlink(missing_ok=True)
+            continue
+        out.append(rec)
+    return out
+
+
+def stop_endpoint(home: Path, name: str, grace_s: float = 20.0) -> bool:
+    """Stop the endpoint ``name``; False when none was recorded."""
+    path = _record_path(home, name)
+    rec = _read_record(path)
+    if rec is None:
+        return False
+    _stop_record(rec, grace_s)
+    path.unlink(missing_ok=True)
+    path.with_suffix(".pid").unlink(missing_ok=True)
+    return True
+
+
+def stop_all(home: Path) -> list[str]:
+    names = [r.name for r in list_endpoints(home, prune=False)]
+    for n in names:
+        stop_endpoint(home, n)
+    return names
+
+
+def _stop_record(rec: EndpointRecord, grace_s: float) -> None:
+    if pid_alive(rec.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(rec.pid, signal.SIGTERM)  # graceful: front, then tritonserver, then the record
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and pid_alive(rec.pid):
+            time.sleep(0.1)
+    kill_group(rec.pgid, grace_s=2.0)  # whatever the supervisor left behind (python stubs)
+
+
+def served_model(repository: Path) -> tuple[str, tuple[str, ...]]:
+    """(Triton model name, LoRA adapter names) of a repository built by the serve stage."""
+    manifest = repository / _MANIFEST
+    if not manifest.exists():
+        raise EndpointError(f"{repository} is not a Forgeline model repository (no {_MANIFEST})")
+    data = json.loads(manifest.read_text())
+    return str(data["served_model"]), tuple(data.get("adapters", ()))
+
+
+def start_detached(
+    home: Path,
+    repository: Path,
+    name: str,
+    port: int | None = None,
+    *,
+    served_name: str | None = None,
+    max_queue: int = 256,
+    api_key_env: str | None = None,
+    threads: int = 1,
+    ready_timeout_s: float = 180.0,
+) -> EndpointRecord:
+    """Start (or replace) the endpoint ``name`` detached; returns once it answers ready."""
+    served_model(repository)  # fail fast on a wrong directory
+    stop_endpoint(home, name)
+    port = port or free_port()
+    folder = endpoints_dir(home)
+    folder.mkdir(parents=True, exist_ok=True)
+    log = folder / f"{name}.log"
+    cmd = [sys.executable, "-m", "forgeline_operators.deploy.endpoint", "--repository", str(repository)]
+    cmd += ["--name", name, "--port", str(port), "--home", str(home), "--max-queue", str(max_queue)]
+    cmd += ["--threads", str(threads)]
+    if served_name:
+        cmd += ["--served-name", served_name]
+    if api_key_env:
+        cmd += ["--api-key-env", api_key_env]
+    trampoline = (
+        "import subprocess, sys\n"
+        "log = open(sys.argv[1], 'ab')\n"
+        "p = subprocess.Popen(sys.argv[2:], start_new_session=True, stdin=subprocess.DEVNULL, "
+        "stdout=log, stderr=subprocess.STDOUT)\n"
+        "print(p.pid)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", trampoline, str(log), *cmd], capture_output=True, text=True, check=True
+    )
+    pid = int(out.stdout.strip())
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + ready_timeout_s
+    try:
+        with httpx.Client(timeout=2) as client:
+            while time.monotonic() < deadline:
+                if not pid_alive(pid):
+                    raise EndpointError(f"endpoint {name!r} exited during start-up; log {log}:\n{_tail(log)}")
+                rec = _read_record(_record_path(home, name))
+                if rec is not None and rec.pid == pid and rec.ready:
+                    try:
+                        if client.get(f"{url}/v1/health/ready").status_code == 200:
+                            return rec
+                    except httpx.TransportError:
+                        pass
+                time.sleep(0.2)
+        raise EndpointError(
+            f"endpoint {name!r} not ready after {ready_timeout_s:.0f}s; log {log}:\n{_tail(log)}"
+        )
+    except BaseException:
+        kill_group(pid, grace_s=5)
+        _record_path(home, name).unlink(missing_ok=True)
+        raise
+
+
+def _tail(log: Path, n: int = 20) -> str:
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+# ------------------------------------------------------------------------------------- supervisor
+
+
+def serve_foreground(
+    repository: Path,
+    name: str,
+    port: int,
+    home: Path | None,
+    served_name: str | None = None,
+    max_queue: int = 256,
+    api_key: str | None = None,
+    threads: int = 1,
+) -> None:
+    """Run tritonserver + the front until SIGTERM/SIGINT (the supervisor's body)."""
+    import uvicorn
+
+    from forgeline_operators.deploy.front import FrontSettings, create_app
+
+    model, adapters = served_model(repository)
+    log = (endpoints_dir(home) / f"{name}.triton.log") if home else None
+    if log:
+        log.parent.mkdir(parents=True, exist_ok=True)
+    server = TritonServer(
+        repository, [model], TritonPorts.pick(), log_path=log, threads=threads, own_group=False
+    )
+    record: EndpointRecord | None = None
+    try:
+        server.start()
+        settings = FrontSettings(
+            triton_url=server.url,
+            triton_model=model,
+            served_name=served_name or name,
+            triton_metrics_url=server.metrics_url,
+            adapters=adapters,
+            max_queue=max_queue,
+            api_key=api_key,
+        )
+        config = uvicorn.Config(
+            create_app(settings),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            timeout_graceful_shutdown=5,
+        )
+        front = uvicorn.Server(config)
+        if home:
+            record = EndpointRecord(
+                name=name,
+                url=f"http://127.0.0.1:{port}",
+                port=port,
+                pid=os.getpid(),
+                pgid=os.getpgid(0),
+                repository=str(repository),
+                model=served_name or name,
+                triton_url=server.url,
+                log=str(endpoints_dir(home) / f"{name}.log"),
+                started_at=time.time(),
+            )
+
+            original = front.startup
+
+            async def startup(sockets: object = None) -> None:
+                await original(sockets)  # type: ignore[arg-type]
+                _write_record(home, EndpointRecord(**{**asdict(record), "ready": True}))
+
+            front.startup = startup  # type: ignore[method-assign]
+        front.run()
+    finally:
+        server.stop()
+        if home and record is not None:
+            current = _read_record(_record_path(home, name))
+            if current is not None and current.pid == os.getpid():
+                _record_path(home, name).unlink(missing_ok=True)
+                _record_path(home, name).with_suffix(".pid").unlink(missing_ok=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="forgeline-endpoint", description=__doc__.splitlines()[0])
+    p.add_argument("--repository", type=Path, required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--home", type=Path, default=None)
+    p.add_argument("--served-name", default=None)
+    p.add_argument("--max-queue", type=int, default=256)
+    p.add_argument("--api-key-env", default=None, help="Environment variable holding the bearer token.")
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args(argv)
+    # uvicorn turns SIGTERM into a graceful shutdown; the finally blocks then stop tritonserver.
+    api_key = os.environ.get(a.api_key_env) if a.api_key_env else None
+    serve_foreground(
+        a.repository.resolve(), a.name, a.port, a.home, a.served_name, a.max_queue, api_key, a.threads
+    )
+
+
+if __name__ == "__main__":
+    main()

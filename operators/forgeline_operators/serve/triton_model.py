@@ -1,0 +1,333 @@
+"""Triton python-backend model: OpenVINO GenAI continuous batching, fed one engine step at a time.
+
+Copied verbatim into a model repository as ``<model>/1/model.py`` by :mod:`.repository`; it runs in
+Triton's python stub, so it imports nothing from Forgeline. The model is *decoupled*: ``execute``
+only parses each request and queues it; one engine thread owns the ``ContinuousBatchingPipeline`` and
+loops ``add_request`` (new arrivals join the running batch) → ``step`` → ``read`` (stream each
+request's new tokens) → drop finished or cancelled requests. Per-request sampling parameters become a
+``GenerationConfig``; a request whose client went away is cancelled in the engine, which frees its KV
+blocks on the next step.
+
+Inputs (all optional; one of ``text_input`` / ``messages``): ``text_input``, ``messages`` (JSON list
+of chat messages, rendered with the tokenizer's chat template), ``max_tokens``, ``temperature``,
+``top_p``, ``top_k``, ``seed``, ``stop`` (strings), ``ignore_eos``, ``stream``, ``lora_name``.
+Outputs: ``text_output`` (the new text), ``output_ids`` (the new token ids), ``finish_reason``
+(empty until the last response), ``prompt_tokens``, ``completion_tokens``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+DEFAULT_MAX_TOKENS = 64
+
+
+@dataclass
+class _Live:
+    """One request inside the engine."""
+
+    rid: int
+    sender: Any
+    request: Any
+    stream: bool
+    max_tokens: int
+    prompt_tokens: int
+    handle: Any = None
+    ids: list[int] = field(default_factory=list)
+    text: str = ""  # text already sent
+    pending: str = ""  # text produced but not yet sent (non-streaming)
+    cancelled: bool = False
+
+
+def _param(params: dict[str, Any], key: str, default: str) -> str:
+    value = params.get(key, {}).get("string_value", "")
+    return value if value not in ("", None) else default
+
+
+def _scalar(request: Any, name: str) -> Any:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return None
+    arr = tensor.as_numpy().reshape(-1)
+    if arr.size == 0:
+        return None
+    value = arr[0]
+    return value.decode("utf-8") if isinstance(value, bytes) else value.item()
+
+
+def _strings(request: Any, name: str) -> list[str]:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return []
+    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in tensor.as_numpy().reshape(-1)]
+
+
+def _is_cancelled(live: _Live) -> bool:
+    checker = getattr(live.sender, "is_cancelled", None) or getattr(live.request, "is_cancelled", None)
+    try:
+        return bool(checker()) if checker else False
+    except Exception:  # the request object may already be released by the server
+        return True
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, Any]) -> None:
+        import openvino_genai as ov_genai
+
+        self._ov = ov_genai
+        config = json.loads(args["model_config"])
+        params = config.get("parameters", {})
+        self.name = config.get("name", "model")
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        engine_dir = Path(_param(params, "engine_dir", "engine"))
+        if not engine_dir.is_absolute():
+            engine_dir = version_dir / engine_dir
+        threads = int(_param(params, "num_threads", "1"))
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+
+        sched = ov_genai.SchedulerConfig()
+        sched.max_num_seqs = int(_param(params, "max_num_seqs", "64"))
+        sched.max_num_batched_tokens = int(_param(params, "max_num_batched_tokens", "1024"))
+        sched.enable_prefix_caching = _param(params, "enable_prefix_caching", "true") == "true"
+        sched.dynamic_split_fuse = True
+        kv_gb = float(_param(params, "kv_cache_gb", "0"))
+        if kv_gb > 0:
+            sched.cache_size = max(1, round(kv_gb))
+        else:
+            sched.num_kv_blocks = int(_param(params, "num_kv_blocks", "512"))
+        properties: dict[str, Any] = {
+            "INFERENCE_NUM_THREADS": threads,
+            "INFERENCE_PRECISION_HINT": _param(params, "inference_precision", "f32"),
+            "KV_CACHE_PRECISION": _param(params, "kv_cache_precision", "f32"),
+        }
+        self._adapters: dict[str, Any] = {}
+        adapter_spec = json.loads(_param(params, "adapters", "{}"))
+        if adapter_spec:
+            for aname, spec in adapter_spec.items():
+                path = Path(spec["path"])
+                if not path.is_absolute():
+                    path = version_dir / path
+                self._adapters[aname] = (ov_genai.Adapter(str(path)), float(spec.get("alpha", 1.0)))
+            # The pipeline must know every adapter up front; each request then picks its own weights.
+            properties["adapters"] = ov_genai.AdapterConfig([(a, 0.0) for a, _ in self._adapters.values()])
+        self.pipe = ov_genai.ContinuousBatchingPipeline(str(engine_dir), sched, "CPU", properties)
+        self.tokenizer = self.pipe.get_tokenizer()
+        self._eos = int(self.pipe.get_config().eos_token_id)
+        self._queue: queue.Queue[_Live | tuple[_Live, Any, Any]] = queue.Queue()
+        self._stop = threading.Event()
+        self._next_id = 0
+        self._metrics()
+        self._thread = threading.Thread(target=self._engine, name="forgeline-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------------------------- metrics
+
+    def _metrics(self) -> None:
+        # Families must outlive their metrics: keep both on the instance.
+        gauge, counter = pb_utils.MetricFamily.GAUGE, pb_utils.MetricFamily.COUNTER
+        specs = {
+            "kv": ("forgeline_engine_kv_cache_usage_ratio", "KV cache blocks in use (0..1)", gauge),
+            "running": ("forgeline_engine_requests_running", "Requests inside the engine", gauge),
+            "tokens": ("forgeline_engine_generated_tokens", "Tokens generated", counter),
+            "steps": ("forgeline_engine_steps", "Engine steps", counter),
+            "cancelled": ("forgeline_engine_cancelled_requests", "Requests cancelled", counter),
+        }
+        self._families = {
+            k: pb_utils.MetricFamily(name=n, description=d, kind=kind) for k, (n, d, kind) in specs.items()
+        }
+        m = {k: f.Metric(labels={"model": self.name}) for k, f in self._families.items()}
+        self._m_kv, self._m_running, self._m_tokens = m["kv"], m["running"], m["tokens"]
+        self._m_steps, self._m_cancelled = m["steps"], m["cancelled"]
+
+    # ------------------------------------------------------------------------------------- requests
+
+    def execute(self, requests: list[Any]) -> None:
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                live, prompt, cfg = self._parse(request, sender)
+            except Exception as e:  # a bad request fails alone, never the model
+                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))), flags=FINAL)
+                continue
+            self._queue.put((live, prompt, cfg))
+        return None
+
+    def _parse(self, request: Any, sender: Any) -> tuple[_Live, Any, Any]:
+        ov_genai = self._ov
+        text = _scalar(request, "text_input")
+        messages = _scalar(request, "messages")
+        if messages:
+            rendered = self.tokenizer.apply_chat_template(json.loads(messages), add_generation_prompt=True)
+            prompt = self.tokenizer.encode(rendered, add_special_tokens=False).input_ids
+        elif text is not None:
+            prompt = self.tokenizer.encode(text, add_special_tokens=True).input_ids
+        else:
+            raise ValueError("one of text_input or messages is required")
+        cfg = ov_genai.GenerationConfig()
+        max_tokens = _scalar(request, "max_tokens")
+        cfg.max_new_tokens = int(max_tokens) if max_tokens else DEFAULT_MAX_TOKENS
+        cfg.apply_chat_template = False
+        cfg.eos_token_id = self._eos
+        temperature = _scalar(request, "temperature")
+        if temperature is not None and float(temperature) > 0:
+            cfg.do_sample = True
+            cfg.temperature = float(temperature)
+            top_p = _scalar(request, "top_p")
+            if top_p is not None:
+                cfg.top_p = float(top_p)
+            top_k = _scalar(request, "top_k")
+            if top_k:
+                cfg.top_k = int(top_k)
+            seed = _scalar(request, "seed")
+            if seed is not None:
+                cfg.rng_seed = int(seed)
+        stop = [s for s in _strings(request, "stop") if s]
+        if stop:
+            cfg.stop_strings = set(stop)
+            cfg.include_stop_str_in_output = False
+        if _scalar(request, "ignore_eos"):
+            cfg.ignore_eos = True
+        lora = _scalar(request, "lora_name")
+        if self._adapters:
+            if lora and lora not in self._adapters:
+                raise ValueError(f"unknown LoRA adapter {lora!r}; loaded: {sorted(self._adapters)}")
+            cfg.adapters = ov_genai.AdapterConfig(
+                [(a, alpha if name == lora else 0.0) for name, (a, alpha) in self._adapters.items()]
+            )
+        elif lora:
+            raise ValueError(f"LoRA adapter {lora!r} requested but the model has no adapters")
+        stream = _scalar(request, "stream")
+        self._next_id += 1
+        live = _Live(
+            rid=self._next_id,
+            sender=sender,
+            request=request,
+            stream=bool(stream) if stream is not None else True,
+            max_tokens=cfg.max_new_tokens,
+            prompt_tokens=int(prompt.shape[1]),
+        )
+        return live, prompt, cfg
+
+    # --------------------------------------------------------------------------------------- engine
+
+    def _engine(self) -> None:
+        live: dict[int, _Live] = {}
+        while not self._stop.is_set():
+            try:
+                # A cancelled request leaves ``live`` at once but the pipeline frees its KV blocks on
+                # the next step: keep stepping while the pipeline holds anything.
+                busy = bool(live) or self.pipe.has_non_finished_requests()
+                self._admit(live, block=not busy)
+                if live or self.pipe.has_non_finished_requests():
+                    self.pipe.step()
+                    self._m_steps.increment(1)
+                    self._collect(live)
+            except Exception:  # keep serving: fail the requests in flight, not the server
+                err = traceback.format_exc()
+                for item in list(live.values()):
+                    self._fail(item, err)
+                live.clear()
+
+    def _admit(self, live: dict[int, _Live], block: bool) -> None:
+        try:
+            item = self._queue.get(timeout=0.2) if block else self._queue.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            req, prompt, cfg = item  # type: ignore[misc]
+            req.handle = self.pipe.add_request(req.rid, prompt, cfg)
+            live[req.rid] = req
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._m_running.set(len(live))
+
+    def _collect(self, live: dict[int, _Live]) -> None:
+        done: list[int] = []
+        new_tokens = 0
+        for rid, req in live.items():
+            if not req.cancelled and _is_cancelled(req):
+                req.cancelled = True
+                req.handle.cancel()
+                self._m_cancelled.increment(1)
+            fresh: list[int] = []
+            if req.handle.can_read():
+                for out in req.handle.read().values():
+                    fresh.extend(int(t) for t in out.generated_ids)
+            new_tokens += len(fresh)
+            status = req.handle.get_status()
+            finished = status != self._ov.GenerationStatus.RUNNING and not req.handle.can_read()
+            if req.cancelled:
+                self._send(req, [], "cancelled", final=True)
+                done.append(rid)
+            elif fresh or finished:
+                req.ids.extend(fresh)
+                reason = self._reason(req, status) if finished else ""
+                self._send(req, fresh, reason, final=finished)
+                if finished:
+                    done.append(rid)
+        for rid in done:
+            live.pop(rid)
+        self._m_tokens.increment(new_tokens)
+        self._m_running.set(len(live))
+        self._m_kv.set(float(self.pipe.get_metrics().cache_usage) / 100.0)
+
+    def _reason(self, req: _Live, status: Any) -> str:
+        if status != self._ov.GenerationStatus.FINISHED:
+            return "cancelled"
+        if len(req.ids) >= req.max_tokens and (not req.ids or req.ids[-1] != self._eos):
+            return "length"
+        return "stop"
+
+    def _delta(self, req: _Live, final: bool) -> str:
+        text = self.tokenizer.decode(req.ids, skip_special_tokens=True)
+        # Hold back an incomplete UTF-8 sequence until the next token completes it.
+        if not final and text.endswith("\ufffd"):
+            return ""
+        delta = text[len(req.text) :] if text.startswith(req.text) else text
+        req.text = text
+        return delta
+
+    def _send(self, req: _Live, fresh: list[int], reason: str, final: bool) -> None:
+        delta = self._delta(req, final) if (fresh or final) and reason != "cancelled" else ""
+        if not req.stream and not final:
+            req.pending += delta
+            return
+        if not req.stream:
+            delta, fresh = req.pending + delta, req.ids
+        tensors = [
+            pb_utils.Tensor("text_output", np.array([delta.encode("utf-8")], dtype=np.object_)),
+            pb_utils.Tensor("output_ids", np.array(fresh, dtype=np.int32)),
+            pb_utils.Tensor("finish_reason", np.array([reason.encode()], dtype=np.object_)),
+            pb_utils.Tensor("prompt_tokens", np.array([req.prompt_tokens], dtype=np.int32)),
+            pb_utils.Tensor("completion_tokens", np.array([len(req.ids)], dtype=np.int32)),
+        ]
+        try:
+            req.sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL if final else 0)
+        except Exception:  # the client is gone: cancel in the engine on the next pass
+            if not final:
+                req.cancelled = True
+                req.handle.cancel()
+
+    def _fail(self, req: _Live, message: str) -> None:
+        with contextlib.suppress(Exception):
+            req.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), flags=FINAL)
+
+    def finalize(self) -> None:
+        self._stop.set()
+        deadline = time.monotonic() + 10
+        self._thread.join(timeout=max(0.0, deadline - time.monotonic()))

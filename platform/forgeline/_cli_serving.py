@@ -1,0 +1,215 @@
+"""Serving commands of the ``forgeline`` CLI: ``serve``, ``endpoints``, ``bench endpoint``.
+
+Registered on the main Typer app by :func:`register` (one line in ``cli.py``). The serving machinery
+lives in ``forgeline_operators.serve`` / ``.deploy`` and is imported inside each command, so the rest of
+the CLI starts without it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+__all__ = ["register"]
+
+out = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+
+HomeOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--home", help="State directory (default ./.forgeline or FORGELINE_HOME).", show_default=False
+    ),
+]
+bench_app = typer.Typer(help="Benchmarks.", no_args_is_help=True)
+
+
+def _home(home: Path | None) -> Path:
+    from forgeline.tracking import default_home
+
+    return home.resolve() if home else default_home()
+
+
+def _die(message: str) -> typer.Exit:
+    err.print(f"error: {message}", markup=False, highlight=False, style="red")
+    return typer.Exit(1)
+
+
+def _repository_for(uri: str, home: Path, threads: int) -> Path:
+    """Build (once, cached by the model's fingerprint) the Triton repository serving ``uri``."""
+    import hashlib
+    import tempfile
+
+    from forgeline.artifacts import ModelStore
+    from forgeline.registry import default_registry
+    from forgeline.spec._models import SchedulerSpec
+    from forgeline_operators.serve.export import openvino_engine
+    from forgeline_operators.serve.repository import OpenvinoModelSpec, build_openvino_repository
+
+    store = ModelStore(home / "artifacts", default_registry())
+    key = hashlib.sha256(store.fingerprint(uri, Path.cwd()).encode()).hexdigest()[:16]
+    target = home / "serving" / key / "repository"
+    if (target / "forgeline-repository.json").exists():
+        return target
+    model_dir = store.materialize(uri, Path.cwd())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        engine, exported = openvino_engine(model_dir, Path(tmp), threads=threads)
+        if exported:
+            err.print(f"exported {uri} to OpenVINO (fp32)", highlight=False)
+        staging = Path(tmp) / "repository"
+        build_openvino_repository(staging, engine, OpenvinoModelSpec(name="model", scheduler=SchedulerSpec()))
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+    return target
+
+
+def serve(
+    model_uri: Annotated[
+        str, typer.Argument(help="Model URI: builtin://tiny-llama, a directory, hf://, mlflow://.")
+    ],
+    port: Annotated[int, typer.Option("--port", "-p", help="Port of the OpenAI-compatible API.")] = 8000,
+    name: Annotated[str | None, typer.Option("--name", help="Endpoint name (default: from the URI).")] = None,
+    detach: Annotated[
+        bool, typer.Option("--detach", "-d", help="Leave it running in the background.")
+    ] = False,
+    max_queue: Annotated[int, typer.Option(help="Requests admitted at once; more get 429.")] = 256,
+    api_key_env: Annotated[
+        str | None, typer.Option(help="Environment variable holding a bearer token to require.")
+    ] = None,
+    threads: Annotated[int, typer.Option(help="Engine threads.")] = 1,
+    home: HomeOpt = None,
+) -> None:
+    """Serve a model with a real Triton Inference Server and an OpenAI-compatible API."""
+    from forgeline_operators.deploy.endpoint import EndpointError, serve_foreground, start_detached
+
+    h = _home(home)
+    endpoint = name or model_uri.rstrip("/").rsplit("/", 1)[-1].split("@")[0].replace(".", "-") or "model"
+    try:
+        repo = _repository_for(model_uri, h, threads)
+        if detach:
+            rec = start_detached(
+                h, repo, endpoint, port, served_name=endpoint, max_queue=max_queue,
+                api_key_env=api_key_env, threads=threads,
+            )  # fmt: skip
+            out.print(f"endpoint {endpoint} at {rec.url} (pid {rec.pid})", highlight=False)
+            _print_try(rec.url, endpoint)
+            return
+    except (EndpointError, OSError, ValueError, RuntimeError) as e:
+        raise _die(str(e)) from None
+    url = f"http://127.0.0.1:{port}"
+    out.print(f"serving {model_uri} as {endpoint!r} at {url} (Ctrl-C stops)", highlight=False)
+    _print_try(url, endpoint)
+    api_key = os.environ.get(api_key_env) if api_key_env else None
+    serve_foreground(repo, endpoint, port, h, endpoint, max_queue, api_key, threads)
+
+
+def _print_try(url: str, model: str) -> None:
+    body = json.dumps({"model": model, "prompt": "Hello", "max_tokens": 16})
+    out.print(
+        f"try: curl {url}/v1/completions -H 'Content-Type: application/json' -d '{body}'",
+        highlight=False,
+        markup=False,
+        soft_wrap=True,
+    )
+
+
+def endpoints(
+    action: Annotated[str | None, typer.Argument(help="`stop` to stop endpoints; omit to list.")] = None,
+    name: Annotated[str | None, typer.Argument(help="Endpoint to stop.")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Stop every endpoint.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable list.")] = False,
+    home: HomeOpt = None,
+) -> None:
+    """List local endpoints, or stop one (`forgeline endpoints stop NAME`) or all (`stop --all`)."""
+    from forgeline_operators.deploy.endpoint import list_endpoints, stop_all, stop_endpoint
+
+    h = _home(home)
+    if action is None:
+        recs = list_endpoints(h)
+        if as_json:
+            print(json.dumps([r.__dict__ for r in recs], indent=2))
+            return
+        table = Table(title=f"endpoints ({h})")
+        for col in ("name", "url", "model", "pid", "ready", "repository"):
+            table.add_column(col)
+        for r in recs:
+            table.add_row(r.name, r.url, r.model, str(r.pid), "yes" if r.ready else "no", r.repository)
+        out.print(table)
+        return
+    if action != "stop":
+        raise _die(f"unknown action {action!r}; use `forgeline endpoints stop NAME|--all`")
+    if all_:
+        stopped = stop_all(h)
+        out.print(f"stopped {len(stopped)} endpoint(s){': ' + ', '.join(stopped) if stopped else ''}")
+        return
+    if not name:
+        raise _die("name the endpoint to stop, or pass --all")
+    if not stop_endpoint(h, name):
+        raise _die(f"no endpoint named {name!r}")
+    out.print(f"stopped {name}")
+
+
+@bench_app.command("endpoint")
+def bench_endpoint(
+    url: Annotated[str, typer.Argument(help="Base URL of an OpenAI-compatible endpoint.")],
+    requests: Annotated[int, typer.Option("--requests", "-n", min=1, help="Requests to send.")] = 64,
+    concurrency: Annotated[int, typer.Option("--concurrency", "-c", min=1, help="Requests in flight.")] = 16,
+    prompt_words: Annotated[str, typer.Option(help="Prompt length range in words, MIN:MAX.")] = "8:96",
+    output_tokens: Annotated[str, typer.Option(help="Output length range in tokens, MIN:MAX.")] = "8:64",
+    seed: Annotated[int, typer.Option(help="Workload seed.")] = 0,
+    model: Annotated[str | None, typer.Option(help="Model id (default: the first of /v1/models).")] = None,
+    api_key_env: Annotated[str | None, typer.Option(help="Environment variable holding the token.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable report.")] = False,
+) -> None:
+    """Load-test an endpoint: throughput, TTFT and inter-token latency percentiles, errors."""
+    from forgeline_operators.deploy.loadgen import LoadSpec, run_load
+
+    def span(text: str) -> tuple[int, int]:
+        lo, _, hi = text.partition(":")
+        return int(lo), int(hi or lo)
+
+    spec = LoadSpec(
+        requests=requests,
+        concurrency=concurrency,
+        prompt_words=span(prompt_words),
+        output_tokens=span(output_tokens),
+        seed=seed,
+        model=model,
+        api_key=os.environ.get(api_key_env) if api_key_env else None,
+    )
+    try:
+        report = run_load(url, spec)
+    except Exception as e:
+        raise _die(f"{type(e).__name__}: {e}") from None
+    if as_json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        out.print(
+            f"{report.completed}/{report.requests} requests in {report.duration_s:.2f}s, "
+            f"{report.output_tokens} output tokens: {report.output_tokens_per_s:.1f} tok/s, "
+            f"{report.requests_per_s:.2f} req/s; errors {report.errors or 0}",
+            highlight=False,
+        )
+        table = Table()
+        for col in ("ms", "p50", "p90", "p99", "mean"):
+            table.add_column(col)
+        for label, values in (("TTFT", report.ttft_ms), ("ITL", report.itl_ms), ("E2E", report.e2e_ms)):
+            table.add_row(label, *(f"{values[k]:.1f}" for k in ("p50", "p90", "p99", "mean")))
+        out.print(table)
+    if report.errors:
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(serve)
+    app.command()(endpoints)
+    app.add_typer(bench_app, name="bench")

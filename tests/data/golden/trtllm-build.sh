@@ -1,0 +1,16 @@
+trtllm-build \
+  --checkpoint_dir /ckpt/trtllm \
+  --output_dir /out/engine \
+  --max_batch_size 64 \
+  --max_input_len 2048 \
+  --max_seq_len 4096 \
+  --max_num_tokens 8192 \
+  --kv_cache_type paged \
+  --use_paged_context_fmha enable \
+  --gemm_plugin auto \
+  --workers 2 \
+  --lora_plugin auto \
+  --max_lora_rank 16 \
+  --lora_target_modules attn_q attn_k attn_v attn_dense mlp_h_to_4h mlp_4h_to_h mlp_gate \
+  --speculative_decoding_mode draft_tokens_external \
+  --max_draft_len 4

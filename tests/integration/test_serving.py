@@ -1,0 +1,279 @@
+"""The CPU serving path end to end: a real tritonserver running OpenVINO GenAI continuous batching in a
+python model, behind the OpenAI-compatible front, started as a detached local endpoint.
+
+One endpoint per module (plus a small second one for admission and auth); the tiny model is exported
+to OpenVINO once. Greedy outputs are compared with HF ``generate()`` at f32.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from forgeline.spec._models import SchedulerSpec
+from forgeline_operators.deploy.endpoint import EndpointRecord, list_endpoints, start_detached, stop_endpoint
+from forgeline_operators.deploy.loadgen import LoadSpec, workload
+from forgeline_operators.deploy.triton import group_members
+from forgeline_operators.models.tiny_llama import SOURCE
+from forgeline_operators.serve.export import export_openvino
+from forgeline_operators.serve.repository import OpenvinoModelSpec, build_openvino_repository
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+MODEL = "tiny"
+
+
+def _engine_metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in metrics")
+
+
+def _poll(predicate: Callable[[], bool], timeout_s: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("tiny-hf")
+    SOURCE.materialize(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory: pytest.TempPathFactory, hf_dir: Path) -> Path:
+    work = tmp_path_factory.mktemp("ov")
+    engine = export_openvino(hf_dir, work / "ir")
+    return build_openvino_repository(
+        work / "repo", engine, OpenvinoModelSpec(name=MODEL, scheduler=SchedulerSpec(max_num_seqs=64))
+    )
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("home")
+
+
+@pytest.fixture(scope="module")
+def endpoint(repository: Path, home: Path) -> Iterator[EndpointRecord]:
+    rec = start_detached(home, repository, "main", served_name=MODEL)
+    try:
+        yield rec
+    finally:
+        stop_endpoint(home, "main")
+
+
+@pytest.fixture(scope="module")
+def hf_greedy(hf_dir: Path) -> Callable[[str, int], str]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(1)
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+
+    def generate(prompt: str, max_new_tokens: int) -> str:
+        ids = tok(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+        return str(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+
+    return generate
+
+
+def test_health_models_and_metrics(endpoint: EndpointRecord) -> None:
+    assert httpx.get(f"{endpoint.url}/v1/health/live").status_code == 200
+    assert httpx.get(f"{endpoint.url}/v1/health/ready").status_code == 200
+    models = httpx.get(f"{endpoint.url}/v1/models").json()
+    assert [m["id"] for m in models["data"]] == [MODEL]
+    r = httpx.post(
+        f"{endpoint.url}/v1/completions", json={"model": MODEL, "prompt": "Hello", "max_tokens": 4}
+    )
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+    text = httpx.get(f"{endpoint.url}/metrics").text
+    for name in (
+        "forgeline_time_to_first_token_seconds_bucket",
+        "forgeline_inter_token_latency_seconds_bucket",
+        "forgeline_queue_depth",
+        "forgeline_generation_tokens_total",
+        "forgeline_engine_kv_cache_usage_ratio",
+        "nv_inference_request_success",
+    ):
+        assert name in text, name
+    missing = httpx.post(f"{endpoint.url}/v1/completions", json={"model": "nope", "prompt": "x"})
+    assert missing.status_code == 404
+    assert set(missing.json()["error"]) == {"message", "type", "param", "code"}
+    bad = httpx.post(f"{endpoint.url}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 0})
+    assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_64_concurrent_mixed_requests_equal_hf_greedy(
+    endpoint: EndpointRecord, hf_greedy: Callable[[str, int], str]
+) -> None:
+    jobs = workload(LoadSpec(requests=64, prompt_words=(2, 60), output_tokens=(4, 40), seed=7))
+
+    async def one(client: httpx.AsyncClient, prompt: str, n: int) -> str:
+        r = await client.post(
+            "/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": n, "temperature": 0}
+        )
+        assert r.status_code == 200, r.text
+        return str(r.json()["choices"][0]["text"])
+
+    async def all_at_once() -> list[str]:
+        async with httpx.AsyncClient(base_url=endpoint.url, timeout=120) as client:
+            return await asyncio.gather(*(one(client, p, n) for p, n in jobs))
+
+    got = asyncio.run(all_at_once())
+    want = [hf_greedy(p, n) for p, n in jobs]
+    mismatches = [i for i, (g, w) in enumerate(zip(got, want, strict=True)) if g != w]
+    assert not mismatches, [(jobs[i][0][:40], got[i], want[i]) for i in mismatches[:3]]
+
+
+def test_streaming_matches_non_streaming_and_openai_client(endpoint: EndpointRecord) -> None:
+    body = {"model": MODEL, "prompt": "The quick brown fox", "max_tokens": 24, "temperature": 0}
+    whole = httpx.post(f"{endpoint.url}/v1/completions", json=body).json()["choices"][0]["text"]
+    pieces, reasons = [], []
+    with httpx.stream("POST", f"{endpoint.url}/v1/completions", json={**body, "stream": True}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    for line in lines[:-1]:
+        choice = json.loads(line[6:])["choices"][0]
+        pieces.append(choice["text"])
+        reasons.append(choice["finish_reason"])
+    assert "".join(pieces) == whole and len(pieces) > 2
+    assert reasons[-1] in ("stop", "length") and all(r is None for r in reasons[:-1])
+
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{endpoint.url}/v1", api_key="unused")
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a list?"}],
+        max_tokens=16,
+        temperature=0,
+        stream=True,
+    )
+    chunks = [c for c in stream if c.choices]
+    content = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert content and chunks[-1].choices[0].finish_reason in ("stop", "length")
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a list?"}]
+    full = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0)  # type: ignore[arg-type]
+    assert full.choices[0].message.content == content
+    seeded = [
+        client.completions.create(model=MODEL, prompt="Once", max_tokens=12, temperature=1.0, seed=5)
+        .choices[0]
+        .text
+        for _ in range(2)
+    ]
+    assert seeded[0] == seeded[1]
+    stopped = client.completions.create(
+        model=MODEL, prompt="The quick brown fox", max_tokens=24, temperature=0, stop=["string"]
+    )
+    assert "string" not in stopped.choices[0].text and stopped.choices[0].finish_reason == "stop"
+
+
+def test_cancelled_stream_frees_engine_and_kv_blocks(endpoint: EndpointRecord) -> None:
+    metrics = f"{endpoint.url}/metrics"
+    before = httpx.get(metrics).text
+    tokens0 = _engine_metric(before, "forgeline_engine_generated_tokens")
+    cancelled0 = _engine_metric(before, "forgeline_engine_cancelled_requests")
+    body = {"model": MODEL, "prompt": "A long story:", "max_tokens": 480, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{endpoint.url}/v1/completions", json=body, timeout=60) as r:
+        for n, _ in enumerate(r.iter_lines()):
+            if n == 5:
+                break  # the client goes away mid-stream
+    _poll(
+        lambda: _engine_metric(httpx.get(metrics).text, "forgeline_engine_cancelled_requests") > cancelled0,
+        what="the engine to cancel the request",
+    )
+    _poll(
+        lambda: _engine_metric(httpx.get(metrics).text, "forgeline_engine_requests_running") == 0,
+        what="the engine to drop the cancelled request",
+    )
+    text = httpx.get(metrics).text
+    # Everything the request held is free again except its prompt's one block, kept by prefix caching
+    # (512 blocks of 32 tokens: OpenvinoModelSpec's default).
+    assert _engine_metric(text, "forgeline_engine_kv_cache_usage_ratio") * 512 <= 1
+    assert _engine_metric(text, "forgeline_engine_generated_tokens") - tokens0 < 480  # stopped early
+
+
+def test_reload_keeps_in_flight_requests(endpoint: EndpointRecord) -> None:
+    body = {"model": MODEL, "prompt": "Reload:", "max_tokens": 300, "ignore_eos": True, "stream": True}
+    result: dict[str, object] = {}
+
+    def stream() -> None:
+        with httpx.stream("POST", f"{endpoint.url}/v1/completions", json=body, timeout=120) as r:
+            events = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {")]
+        result["reason"] = events[-1]["choices"][0]["finish_reason"]
+        result["pieces"] = sum(1 for e in events if e["choices"][0]["text"])
+
+    t = threading.Thread(target=stream)
+    t.start()
+    try:
+        _poll(
+            lambda: (
+                "forgeline_engine_requests_running{" in httpx.get(f"{endpoint.url}/metrics").text
+                and _engine_metric(
+                    httpx.get(f"{endpoint.url}/metrics").text, "forgeline_engine_requests_running"
+                )
+                == 1
+            ),
+            what="the request to start",
+        )
+        r = httpx.post(f"{endpoint.triton_url}/v2/repository/models/{MODEL}/load", timeout=120)
+        assert r.status_code == 200, r.text
+    finally:
+        t.join(timeout=120)
+    assert result["reason"] == "length" and int(result["pieces"]) >= 250  # type: ignore[call-overload]
+    after = httpx.post(
+        f"{endpoint.url}/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 3}
+    )
+    assert after.status_code == 200
+
+
+def test_overload_429_auth_and_no_orphans(
+    repository: Path, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FORGELINE_TEST_KEY", "s3cret")
+    rec = start_detached(
+        home, repository, "small", served_name=MODEL, max_queue=2, api_key_env="FORGELINE_TEST_KEY"
+    )
+    try:
+        assert {r.name for r in list_endpoints(home)} >= {"small"}
+        url = f"{rec.url}/v1/completions"
+        denied = httpx.post(url, json={"model": MODEL, "prompt": "x"})
+        assert denied.status_code == 401 and denied.json()["error"]["code"] == "invalid_api_key"
+        auth = {"Authorization": "Bearer s3cret"}
+        assert httpx.get(f"{rec.url}/v1/health/ready").status_code == 200  # probes need no token
+
+        async def burst() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=120, headers=auth) as client:
+                body = {"model": MODEL, "prompt": "Busy", "max_tokens": 200, "ignore_eos": True}
+                return await asyncio.gather(*(client.post(url, json=body) for _ in range(8)))
+
+        codes = [r.status_code for r in asyncio.run(burst())]
+        assert codes.count(200) >= 2 and codes.count(429) >= 1, codes
+        limited = next(r for r in asyncio.run(burst()) if r.status_code == 429)
+        assert limited.headers["Retry-After"] == "1" and limited.json()["error"]["type"] == "rate_limit_error"
+        # A rerun with the same name replaces the endpoint: no port clash, the old one is gone.
+        again = start_detached(home, repository, "small", rec.port, served_name=MODEL)
+        assert again.pid != rec.pid and not group_members(rec.pgid)
+        rec = again
+    finally:
+        stop_endpoint(home, "small")
+    assert not group_members(rec.pgid), "processes left behind"
+    assert "small" not in {r.name for r in list_endpoints(home)}

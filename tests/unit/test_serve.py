@@ -1,0 +1,201 @@
+"""Serving logic without a server: repository layout and config golden, load generator maths and
+workload, operator registration, endpoint records, the CLI surface, and the OpenAI front against a
+stub of Triton's generate_stream (httpx MockTransport)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from forgeline.cli import app
+from forgeline.registry import default_registry
+from forgeline.spec._models import DeployStage, SchedulerSpec
+from forgeline_operators.deploy.endpoint import EndpointRecord, _write_record, list_endpoints, pid_alive
+from forgeline_operators.deploy.front import FrontSettings, create_app
+from forgeline_operators.deploy.loadgen import LoadSpec, percentile, workload
+from forgeline_operators.serve.repository import (
+    MANIFEST,
+    AdapterRef,
+    OpenvinoModelSpec,
+    build_openvino_repository,
+    openvino_config,
+)
+
+GOLDEN = """\
+name: "llm"
+backend: "python"
+max_batch_size: 0
+model_transaction_policy { decoupled: true }
+input [
+  { name: "text_input" data_type: TYPE_STRING dims: [ 1 ] optional: true },
+  { name: "messages" data_type: TYPE_STRING dims: [ 1 ] optional: true },
+  { name: "max_tokens" data_type: TYPE_INT32 dims: [ 1 ] optional: true },
+  { name: "temperature" data_type: TYPE_FP32 dims: [ 1 ] optional: true },
+  { name: "top_p" data_type: TYPE_FP32 dims: [ 1 ] optional: true },
+  { name: "top_k" data_type: TYPE_INT32 dims: [ 1 ] optional: true },
+  { name: "seed" data_type: TYPE_INT64 dims: [ 1 ] optional: true },
+  { name: "stop" data_type: TYPE_STRING dims: [ -1 ] optional: true },
+  { name: "ignore_eos" data_type: TYPE_BOOL dims: [ 1 ] optional: true },
+  { name: "stream" data_type: TYPE_BOOL dims: [ 1 ] optional: true },
+  { name: "lora_name" data_type: TYPE_STRING dims: [ 1 ] optional: true }
+]
+output [
+  { name: "text_output" data_type: TYPE_STRING dims: [ 1 ] },
+  { name: "output_ids" data_type: TYPE_INT32 dims: [ -1 ] },
+  { name: "finish_reason" data_type: TYPE_STRING dims: [ 1 ] },
+  { name: "prompt_tokens" data_type: TYPE_INT32 dims: [ 1 ] },
+  { name: "completion_tokens" data_type: TYPE_INT32 dims: [ 1 ] }
+]
+instance_group [ { kind: KIND_CPU count: 1 } ]
+parameters { key: "engine_dir" value: { string_value: "engine" } }
+parameters { key: "max_num_seqs" value: { string_value: "16" } }
+parameters { key: "max_num_batched_tokens" value: { string_value: "512" } }
+parameters { key: "enable_prefix_caching" value: { string_value: "false" } }
+parameters { key: "kv_cache_gb" value: { string_value: "0" } }
+parameters { key: "num_kv_blocks" value: { string_value: "512" } }
+parameters { key: "num_threads" value: { string_value: "1" } }
+parameters { key: "inference_precision" value: { string_value: "f32" } }
+parameters { key: "kv_cache_precision" value: { string_value: "f32" } }
+parameters { key: "adapters" value: { string_value: ADAPTERS } }
+""".replace(
+    "ADAPTERS",
+    json.dumps(json.dumps({"sql": {"alpha": 2.0, "path": "adapters/sql/adapter_model.safetensors"}})),
+)
+
+
+def _spec(tmp: Path) -> OpenvinoModelSpec:
+    return OpenvinoModelSpec(
+        name="llm",
+        scheduler=SchedulerSpec(max_num_seqs=16, max_batched_tokens=512, prefix_caching=False),
+        adapters={"sql": AdapterRef(tmp, alpha=2.0)},
+    )
+
+
+def test_openvino_config_golden(tmp_path: Path) -> None:
+    assert openvino_config(_spec(tmp_path)) == GOLDEN
+
+
+def test_repository_layout(tmp_path: Path) -> None:
+    ir = tmp_path / "ir"
+    ir.mkdir()
+    for name in (
+        "openvino_model.xml",
+        "openvino_model.bin",
+        "openvino_tokenizer.xml",
+        "openvino_detokenizer.xml",
+    ):
+        (ir / name).write_text(name)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"lora")
+    spec = OpenvinoModelSpec(name="llm", adapters={"sql": AdapterRef(adapter, 2.0)})
+    repo = build_openvino_repository(tmp_path / "repo", ir, spec)
+    files = sorted(str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_file())
+    assert files == [
+        MANIFEST,
+        "llm/1/adapters/sql/adapter_model.safetensors",
+        "llm/1/engine/openvino_detokenizer.xml",
+        "llm/1/engine/openvino_model.bin",
+        "llm/1/engine/openvino_model.xml",
+        "llm/1/engine/openvino_tokenizer.xml",
+        "llm/1/model.py",
+        "llm/config.pbtxt",
+    ]
+    assert json.loads((repo / MANIFEST).read_text())["served_model"] == "llm"
+    with pytest.raises(ValueError, match="not an OpenVINO IR"):
+        build_openvino_repository(tmp_path / "r2", adapter, spec)
+
+
+def test_percentile_matches_numpy_and_workload_is_seeded() -> None:
+    np = pytest.importorskip("numpy")
+    xs = [5.0, 1.0, 9.0, 3.0, 7.0, 2.0]
+    for q in (0, 50, 90, 99, 100):
+        assert percentile(xs, q) == pytest.approx(float(np.percentile(xs, q)))
+    a = workload(LoadSpec(requests=10, seed=3))
+    assert a == workload(LoadSpec(requests=10, seed=3)) and a != workload(LoadSpec(requests=10, seed=4))
+    assert all(8 <= n <= 64 for _, n in a)
+
+
+def test_operators_registered() -> None:
+    reg = default_registry()
+    serve = reg.operator("serve")
+    assert serve is not None and serve.entrypoint.endswith("serve.operator:run")
+    deploy = DeployStage(name="d", kind="deploy", repository="${stages.s.outputs.repository}")
+    op = reg.operator("deploy", deploy.backend_name())
+    assert op is not None and op.backend == "triton"
+    nim = DeployStage(name="d", kind="deploy", runtime="nim", repository="x")
+    assert reg.operator("deploy", nim.backend_name()) is None  # NIM: Kubernetes, a later operator
+
+
+def test_endpoint_records_prune_dead(tmp_path: Path) -> None:
+    rec = dict(url="u", port=1, pgid=1, repository="r", model="m", triton_url="t", log="l", started_at=0.0)
+    _write_record(tmp_path, EndpointRecord(name="alive", pid=os.getpid(), **rec))  # type: ignore[arg-type]
+    _write_record(tmp_path, EndpointRecord(name="dead", pid=2**22 + 7, **rec))  # type: ignore[arg-type]
+    assert pid_alive(os.getpid()) and not pid_alive(2**22 + 7)
+    assert [r.name for r in list_endpoints(tmp_path)] == ["alive"]
+    assert not (tmp_path / "endpoints" / "dead.json").exists()
+
+
+def test_cli_serving_commands(tmp_path: Path) -> None:
+    runner = CliRunner()
+    for args in (["serve", "--help"], ["endpoints", "--help"], ["bench", "endpoint", "--help"]):
+        assert runner.invoke(app, args).exit_code == 0, args
+    listed = runner.invoke(app, ["endpoints", "--home", str(tmp_path), "--json"])
+    assert listed.exit_code == 0 and json.loads(listed.stdout) == []
+    missing = runner.invoke(app, ["endpoints", "stop", "ghost", "--home", str(tmp_path)])
+    assert missing.exit_code == 1 and "no endpoint named 'ghost'" in missing.stderr
+
+
+def _fake_triton(request: httpx.Request) -> httpx.Response:
+    if request.url.path.endswith("/ready"):
+        return httpx.Response(200)
+    body = json.loads(request.content)
+    assert body["text_input"] == "Hi" and body["max_tokens"] == 3 and body["stop"] == ["x"]
+    events = [
+        {
+            "text_output": "a",
+            "output_ids": 5,
+            "finish_reason": "",
+            "prompt_tokens": 2,
+            "completion_tokens": 1,
+        },
+        {
+            "text_output": "b",
+            "output_ids": [6],
+            "finish_reason": "length",
+            "prompt_tokens": 2,
+            "completion_tokens": 2,
+        },
+    ]
+    text = "".join(f"data: {json.dumps(e)}\n\n" for e in events)
+    return httpx.Response(200, text=text, headers={"content-type": "text/event-stream"})
+
+
+def test_front_against_stub_triton() -> None:
+    settings = FrontSettings(triton_url="http://triton", triton_model="llm", served_name="m", api_key="k")
+    app_ = create_app(settings)
+    with TestClient(app_) as client:
+        app_.state.client = httpx.AsyncClient(
+            base_url="http://triton", transport=httpx.MockTransport(_fake_triton)
+        )
+        assert client.post("/v1/completions", json={"model": "m", "prompt": "Hi"}).status_code == 401
+        auth = {"Authorization": "Bearer k"}
+        body = {"model": "m", "prompt": "Hi", "max_tokens": 3, "stop": "x"}
+        r = client.post("/v1/completions", json=body, headers=auth)
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert out["choices"][0]["text"] == "ab" and out["choices"][0]["finish_reason"] == "length"
+        assert out["usage"] == {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}
+        streamed = client.post("/v1/completions", json={**body, "stream": True}, headers=auth).text
+        chunks = [json.loads(x[6:]) for x in streamed.split("\n\n") if x.startswith("data: {")]
+        assert [c["choices"][0]["text"] for c in chunks] == ["a", "b", ""] and streamed.endswith(
+            "data: [DONE]\n\n"
+        )
+        assert client.get("/v1/health/ready").status_code == 200
+        assert 'forgeline_requests_total{route="completions",status="200"} 2.0' in client.get("/metrics").text
