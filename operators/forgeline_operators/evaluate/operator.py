@@ -33,7 +33,7 @@ from forgeline_operators.data import (
     reference_text,
 )
 
-__all__ = ["run"]
+__all__ = ["Scores", "run", "score_examples"]
 
 _HIGHER_IS_BETTER = ("token_accuracy", "exact_match")
 
@@ -81,7 +81,8 @@ def _load_model(path: Path, vocab_needed: int) -> Any:
     return model
 
 
-def _score(model: Any, examples: Sequence[Example], batch_size: int, pad_id: int) -> Scores:
+def score_examples(model: Any, examples: Sequence[Example], batch_size: int, pad_id: int) -> Scores:
+    """Teacher-forced NLL and next-token accuracy over graded tokens; also used by quantize gates."""
     scores = Scores()
     for batch in _batches(examples, batch_size):
         enc = collate(batch, pad_id)
@@ -133,7 +134,7 @@ def _evaluate(
     max_id = max(max(example.input_ids) for example in examples)
     model = _load_model(model_dir, max_id + 1)
     with torch.no_grad():
-        scores = _score(model, examples, stage.batch_size, pad_token_id(tokenizer))
+        scores = score_examples(model, examples, stage.batch_size, pad_token_id(tokenizer))
         if prompts is not None:
             scores.predictions = _generate(model, tokenizer, prompts, stage.batch_size, stage.max_new_tokens)
             scores.exact = sum(

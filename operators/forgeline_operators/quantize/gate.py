@@ -18,7 +18,7 @@ import torch
 
 from forgeline.runtime.context import GateFailed
 from forgeline_operators.data import IGNORE_INDEX, Example, collate
-from forgeline_operators.evaluate.operator import _score
+from forgeline_operators.evaluate.operator import score_examples
 
 __all__ = ["GateResult", "check_gate", "compare"]
 
@@ -65,7 +65,7 @@ class GateResult:
 def _run(model: Any, examples: Sequence[Example], pad_id: int) -> tuple[float, list[torch.Tensor]]:
     tap = _ArgmaxTap(model)
     with torch.no_grad():
-        scores = _score(tap, examples, BATCH_SIZE, pad_id)
+        scores = score_examples(tap, examples, BATCH_SIZE, pad_id)
     return math.exp(scores.loss), tap.predictions
 
 
