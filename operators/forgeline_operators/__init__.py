@@ -59,6 +59,7 @@ def operator_specs() -> list[OperatorSpec]:
             version="1",
             capabilities=Capabilities(cpu=True, gpu=True),
             description="Register a directory as an MLflow model version (by reference) and set an alias.",
+            cache_check="forgeline_operators.register.operator:cache_check",
         ),
         OperatorSpec(
             kind="serve",
@@ -74,5 +75,6 @@ def operator_specs() -> list[OperatorSpec]:
             version="1",
             capabilities=Capabilities(cpu=True, gpu=False),
             description="Local endpoint: detached tritonserver + OpenAI-compatible front.",
+            cache_check="forgeline_operators.deploy.operator:cache_check",
         ),
     ]

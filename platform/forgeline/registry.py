@@ -50,12 +50,23 @@ class OperatorSpec:
     backend: str | None = None
     capabilities: Capabilities = field(default_factory=Capabilities)
     description: str = ""
+    # For results that live outside the stage store (a running endpoint, a registry entry): a
+    # "module:function" called as ``check(record, home, tracking_uri) -> str | None`` on a cache
+    # hit; a returned reason makes the driver rerun the stage instead of reusing a stale result.
+    cache_check: str | None = None
 
     def load(self) -> Callable[..., Any]:
-        module_name, _, attr = self.entrypoint.partition(":")
-        module = importlib.import_module(module_name)
-        fn: Callable[..., Any] = getattr(module, attr)
-        return fn
+        return _import(self.entrypoint)
+
+    def load_cache_check(self) -> Callable[..., str | None] | None:
+        return _import(self.cache_check) if self.cache_check else None
+
+
+def _import(dotted: str) -> Callable[..., Any]:
+    module_name, _, attr = dotted.partition(":")
+    module = importlib.import_module(module_name)
+    fn: Callable[..., Any] = getattr(module, attr)
+    return fn
 
 
 @dataclass(frozen=True)

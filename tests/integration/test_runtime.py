@@ -165,3 +165,27 @@ def test_gc_removes_only_superseded_results(tmp_path: Path, home: Path, ray_sess
     assert all(store.lookup(o.key or "") is not None for o in new.stages.values())
     assert calls(tmp_path) and run(write(tmp_path, b_samples=7), home).state == "FINISHED"
     assert calls(tmp_path) == []  # the kept results still serve a cached rerun
+
+
+def test_stale_external_result_is_rerun_not_reused(tmp_path: Path, home: Path, ray_session: None) -> None:
+    """A cached registration whose model version was deleted is redone (the operator's cache_check)."""
+    from forgeline.registry import default_registry
+
+    registry = opkit.registry()
+    real_register = default_registry().operator("register")
+    assert real_register is not None and real_register.cache_check
+    registry.add_operator(real_register)
+    extra = '  - {name: reg, kind: register, model: "${stages.a.outputs.report}", registered_name: m}\n'
+    wf = write(tmp_path, extra=extra)
+    loaded = load_workflow(wf)
+    first = run_workflow(loaded, RunSettings(home=home), registry=registry)
+    assert first.stages["reg"].state == "succeeded"
+    assert run_workflow(loaded, RunSettings(home=home), registry=registry).stages["reg"].state == "cached"
+
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    client.delete_registered_model("m")
+    third = run_workflow(loaded, RunSettings(home=home), registry=registry)
+    assert third.stages["reg"].state == "succeeded"  # re-registered instead of pointing at nothing
+    assert int(client.get_model_version_by_alias("m", "candidate").version) == 1
+    tags = stage_runs(home, third.run_id)["reg"].data.tags  # type: ignore[attr-defined]
+    assert "no longer exists" in tags["forgeline.stale_cache"]

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import httpx
 
+from forgeline.artifacts import pid_alive, write_text_atomic
 from forgeline_operators.deploy.triton import TritonPorts, TritonServer, free_port, kill_group
 
 __all__ = [
@@ -33,7 +34,6 @@ __all__ = [
     "EndpointRecord",
     "endpoints_dir",
     "list_endpoints",
-    "pid_alive",
     "start_detached",
     "stop_all",
     "stop_endpoint",
@@ -69,21 +69,6 @@ def endpoints_dir(home: Path) -> Path:
     return home / "endpoints"
 
 
-def pid_alive(pid: int) -> bool:
-    """True for a running process; a zombie (exited, not yet reaped) counts as dead."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
 def _record_path(home: Path, name: str) -> Path:
     return endpoints_dir(home) / f"{name}.json"
 
@@ -91,9 +76,7 @@ def _record_path(home: Path, name: str) -> Path:
 def _write_record(home: Path, record: EndpointRecord) -> None:
     path = _record_path(home, record.name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(asdict(record), indent=2) + "\n")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(asdict(record), indent=2) + "\n")
     path.with_suffix(".pid").write_text(f"{record.pid}\n")
 
 

@@ -140,7 +140,10 @@ def create_app(settings: FrontSettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        limits = httpx.Limits(max_connections=settings.max_queue + 8, max_keepalive_connections=32)
+        # Keep a connection per admitted request alive: a fresh TCP connection per request costs more
+        # than the request's own events.
+        pool = settings.max_queue + 8
+        limits = httpx.Limits(max_connections=pool, max_keepalive_connections=pool)
         app.state.client = httpx.AsyncClient(
             base_url=settings.triton_url,
             timeout=httpx.Timeout(settings.request_timeout_s, connect=5),
@@ -254,10 +257,7 @@ def create_app(settings: FrontSettings) -> FastAPI:
                     raise ApiError(
                         502, f"inference server: {(await r.aread()).decode(errors='replace')}", "server_error"
                     )
-                async for line in r.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    event = json.loads(line[5:])
+                async for event in _sse_events(r):
                     if "error" in event:
                         raise ApiError(500, f"inference server: {event['error']}", "server_error")
                     ids = event.get("output_ids", [])
@@ -309,25 +309,24 @@ def create_app(settings: FrontSettings) -> FastAPI:
                 "total_tokens": out.prompt_tokens + out.completion_tokens,
             }
 
+        # Every chunk of a stream shares its envelope: encode it once, then only the delta per chunk.
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        head = json.dumps({"id": rid, "object": obj, "created": created, "model": body.model})[:-1]
+        head = "data: " + head + ', "choices": [{"index": 0, '
+        key = '"delta": {' if chat else '"text": '
+
         def chunk(delta: str | None, reason: str | None, first: bool = False) -> str:
             if chat:
-                d: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
+                d = '"role": "assistant", "content": ""' if first else ""
                 if delta:
-                    d["content"] = delta
-                choice: dict[str, Any] = {"index": 0, "delta": d, "logprobs": None, "finish_reason": reason}
-                obj = "chat.completion.chunk"
+                    d += (", " if d else "") + '"content": ' + json.dumps(delta)
+                text = key + d + "}"
             else:
-                choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": reason}
-                obj = "text_completion"
-            return (
-                "data: "
-                + json.dumps(
-                    {"id": rid, "object": obj, "created": created, "model": body.model, "choices": [choice]}
-                )
-                + "\n\n"
-            )
+                text = key + json.dumps(delta or "")
+            return f'{head}{text}, "logprobs": null, "finish_reason": {json.dumps(reason)}}}]}}\n\n'
 
         if not body.stream:
+            payload["stream"] = False  # one response from the model: the whole text, decoded once
             try:
                 async for delta in _events(payload, out):
                     if delta or out.ids:
@@ -416,6 +415,20 @@ def create_app(settings: FrontSettings) -> FastAPI:
         return await _serve("chat", body, payload, chat=True)
 
     return app
+
+
+async def _sse_events(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+    """The JSON payloads of a server-sent event stream (``data:`` lines; Triton sends one per event)."""
+    buffer = b""
+    async for raw in response.aiter_bytes():
+        buffer += raw
+        *events, buffer = buffer.split(b"\n\n")
+        for event in events:
+            for line in event.split(b"\n"):
+                if line.startswith(b"data:"):
+                    yield json.loads(line[5:])
+    if buffer.strip().startswith(b"data:"):
+        yield json.loads(buffer.strip()[5:])
 
 
 def _openai_reason(reason: str | None) -> str | None:

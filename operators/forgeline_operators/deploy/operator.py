@@ -7,11 +7,14 @@ Kubernetes target (ModelEndpoint CR → Triton Deployment / NIMService) is a lat
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 
+from forgeline.artifacts import StageRecord
 from forgeline.runtime.context import OperatorError, StageContext, StageResult
 from forgeline.tracking import default_home
-from forgeline_operators.deploy.endpoint import EndpointError, start_detached
+from forgeline_operators.deploy.endpoint import EndpointError, list_endpoints, start_detached
 
 __all__ = ["run"]
 
@@ -49,3 +52,15 @@ def run(ctx: StageContext) -> StageResult:
         name,
     )
     return StageResult(outputs={"endpoint": rec.url}, metrics={"port": float(rec.port)})
+
+
+def cache_check(record: StageRecord, home: Path, tracking_uri: str) -> str | None:
+    """A cached deploy is valid only while its endpoint is still up and ready."""
+    url = str(record.outputs.get("endpoint", {}).get("value", ""))
+    if not any(rec.url == url for rec in list_endpoints(home)):
+        return f"endpoint {url} is no longer running"
+    try:
+        ready = httpx.get(f"{url}/v1/health/ready", timeout=5).status_code == 200
+    except httpx.HTTPError as e:
+        return f"endpoint {url} does not answer: {e}"
+    return None if ready else f"endpoint {url} is not ready"

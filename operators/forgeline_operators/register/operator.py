@@ -7,7 +7,9 @@ traced back to the data and the run that produced it.
 
 from __future__ import annotations
 
-from forgeline.artifacts import dir_digest, read_manifest
+from pathlib import Path
+
+from forgeline.artifacts import StageRecord, dir_digest, read_manifest
 from forgeline.runtime.context import OperatorError, StageContext, StageResult
 from forgeline.tracking import Tracker, register_version
 
@@ -48,3 +50,23 @@ def run(ctx: StageContext) -> StageResult:
         outputs={"version": version.version, "model_uri": f"models:/{version.name}/{version.version}"},
         metrics={"registered_version": float(version.version)},
     )
+
+
+def cache_check(record: StageRecord, home: Path, tracking_uri: str) -> str | None:
+    """A cached registration is valid only while its model version still exists, unchanged."""
+    from mlflow.exceptions import MlflowException
+
+    from forgeline.tracking import get_version
+
+    version = record.outputs.get("version", {}).get("value")
+    model_uri = str(record.outputs.get("model_uri", {}).get("value", ""))
+    name = model_uri.removeprefix("models:/").rsplit("/", 1)[0]
+    if not name or version is None:
+        return "the cached result names no model version"
+    try:
+        mv = get_version(Tracker(tracking_uri), name, int(version))
+    except MlflowException:
+        return f"model version {name}/{version} no longer exists in {tracking_uri}"
+    if record.metrics.get("registered_version") != float(mv.version):
+        return f"model version {name}/{version} differs from the cached registration"
+    return None

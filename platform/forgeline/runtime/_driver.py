@@ -317,6 +317,12 @@ class Driver:
             **_lineage_inputs(self.planner, stage, records),
         }
         hit = self.store.lookup(key) if (self.settings.use_cache and stage.cache) else None
+        check = op.load_cache_check() if hit is not None else None
+        stale = check(hit, self.settings.home, self.tracking.uri) if check and hit else None
+        if stale:
+            self.progress(name, "stale", {"error": f"cached result no longer valid: {stale}"})
+            base_tags["forgeline.stale_cache"] = stale[:500]
+            hit = None
         if hit is not None:
             tags = {**base_tags, **_lineage_outputs(hit), TAG_CACHED: "true", TAG_STATE: "cached"}
             tracker.log_all(run_id, metrics=hit.metrics, params=stage_params(stage), tags=tags)
