@@ -187,58 +187,73 @@ def test_streaming_matches_non_streaming_and_openai_client(endpoint: EndpointRec
 
 
 def test_cancelled_stream_frees_engine_and_kv_blocks(endpoint: EndpointRecord) -> None:
-    metrics = f"{endpoint.url}/metrics"
-    before = httpx.get(metrics).text
-    tokens0 = _engine_metric(before, "forgeline_engine_generated_tokens")
-    cancelled0 = _engine_metric(before, "forgeline_engine_cancelled_requests")
-    body = {"model": MODEL, "prompt": "A long story:", "max_tokens": 480, "ignore_eos": True, "stream": True}
-    with httpx.stream("POST", f"{endpoint.url}/v1/completions", json=body, timeout=60) as r:
-        for n, _ in enumerate(r.iter_lines()):
-            if n == 5:
-                break  # the client goes away mid-stream
+    def engine(name: str) -> float:
+        return _engine_metric(httpx.get(f"{endpoint.url}/metrics").text, f"forgeline_engine_{name}")
+
+    tokens0, cancelled0 = engine("generated_tokens"), engine("cancelled_requests")
+    # 8000 tokens is ~10 s of engine time for this model alone, so the request cannot finish before
+    # the disconnect reaches the engine: the race that made this test flaky (480 tokens: ~0.5 s).
+    max_tokens = 8000
+    body = {"model": MODEL, "prompt": "A long story:", "max_tokens": max_tokens, "ignore_eos": True}
+    with httpx.stream("POST", f"{endpoint.url}/v1/completions", json={**body, "stream": True}) as r:
+        events = (line for line in r.iter_lines() if line.startswith("data: {"))
+        for _ in range(3):
+            next(events)
+        # Connected: the engine reports the request running and holding blocks (32 tokens each).
+        _poll(
+            lambda: engine("requests_running") == 1 and engine("kv_cache_usage_ratio") * 512 >= 2,
+            what="the request to hold KV blocks",
+        )
+    # The client went away mid-stream.
+    _poll(lambda: engine("cancelled_requests") > cancelled0, what="the engine to cancel the request")
     _poll(
-        lambda: _engine_metric(httpx.get(metrics).text, "forgeline_engine_cancelled_requests") > cancelled0,
-        what="the engine to cancel the request",
+        lambda: engine("requests_running") == 0 and engine("kv_cache_usage_ratio") == 0,
+        what="the engine to drop the request and free every KV block it held",
     )
-    _poll(
-        lambda: _engine_metric(httpx.get(metrics).text, "forgeline_engine_requests_running") == 0,
-        what="the engine to drop the cancelled request",
-    )
-    text = httpx.get(metrics).text
-    # Everything the request held is free again except its prompt's one block, kept by prefix caching
-    # (512 blocks of 32 tokens: OpenvinoModelSpec's default).
-    assert _engine_metric(text, "forgeline_engine_kv_cache_usage_ratio") * 512 <= 1
-    assert _engine_metric(text, "forgeline_engine_generated_tokens") - tokens0 < 480  # stopped early
+    assert engine("generated_tokens") - tokens0 < max_tokens  # stopped early, not run to the end
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="a reload cuts in-flight streams (ends without finish_reason after ~2000 of 3000 tokens); "
+    "the old 300-token version passed only because the request finished before the reload landed",
+)
 def test_reload_keeps_in_flight_requests(endpoint: EndpointRecord) -> None:
-    body = {"model": MODEL, "prompt": "Reload:", "max_tokens": 300, "ignore_eos": True, "stream": True}
+    body = {
+        "model": MODEL,
+        "prompt": "Reload:",
+        "max_tokens": 3000,  # ~3 s of engine time: still running when the reload starts
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     result: dict[str, object] = {}
 
     def stream() -> None:
         with httpx.stream("POST", f"{endpoint.url}/v1/completions", json=body, timeout=120) as r:
             events = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {")]
-        result["reason"] = events[-1]["choices"][0]["finish_reason"]
-        result["pieces"] = sum(1 for e in events if e["choices"][0]["text"])
+        result["reason"] = events[-2]["choices"][0]["finish_reason"]
+        result["tokens"] = events[-1]["usage"]["completion_tokens"]
+        result["pieces"] = sum(1 for e in events if e["choices"] and e["choices"][0]["text"])
 
     t = threading.Thread(target=stream)
     t.start()
     try:
         _poll(
             lambda: (
-                "forgeline_engine_requests_running{" in httpx.get(f"{endpoint.url}/metrics").text
-                and _engine_metric(
-                    httpx.get(f"{endpoint.url}/metrics").text, "forgeline_engine_requests_running"
-                )
+                _engine_metric(httpx.get(f"{endpoint.url}/metrics").text, "forgeline_engine_requests_running")
                 == 1
             ),
             what="the request to start",
         )
+        assert t.is_alive(), "the request ended before the reload began"
         r = httpx.post(f"{endpoint.triton_url}/v2/repository/models/{MODEL}/load", timeout=120)
         assert r.status_code == 200, r.text
     finally:
         t.join(timeout=120)
-    assert result["reason"] == "length" and int(result["pieces"]) >= 250  # type: ignore[call-overload]
+    # Every token arrived, streamed in pieces (several tokens share a piece when the engine is busy).
+    assert result["reason"] == "length" and result["tokens"] == 3000, result
+    assert int(result["pieces"]) > 10  # type: ignore[call-overload]
     after = httpx.post(
         f"{endpoint.url}/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 3}
     )

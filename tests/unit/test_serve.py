@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -17,7 +19,7 @@ from forgeline.cli import app
 from forgeline.registry import default_registry
 from forgeline.spec._models import DeployStage, SchedulerSpec
 from forgeline_operators.deploy.endpoint import EndpointRecord, _write_record, list_endpoints, pid_alive
-from forgeline_operators.deploy.front import FrontSettings, create_app
+from forgeline_operators.deploy.front import FrontSettings, create_app, sse_events
 from forgeline_operators.deploy.loadgen import LoadSpec, percentile, workload
 from forgeline_operators.serve.repository import (
     MANIFEST,
@@ -62,6 +64,7 @@ parameters { key: "num_kv_blocks" value: { string_value: "512" } }
 parameters { key: "num_threads" value: { string_value: "1" } }
 parameters { key: "inference_precision" value: { string_value: "f32" } }
 parameters { key: "kv_cache_precision" value: { string_value: "f32" } }
+parameters { key: "max_stream_events_per_s" value: { string_value: "500" } }
 parameters { key: "adapters" value: { string_value: ADAPTERS } }
 """.replace(
     "ADAPTERS",
@@ -184,6 +187,19 @@ def test_front_against_stub_triton() -> None:
         app_.state.client = httpx.AsyncClient(
             base_url="http://triton", transport=httpx.MockTransport(_fake_triton)
         )
+
+        async def generate(payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+            url = "http://triton/v2/models/llm/generate_stream"
+            body = _fake_triton(httpx.Request("POST", url, json=payload)).content
+
+            async def chunks() -> AsyncIterator[bytes]:  # events split across reads, as on a socket
+                for i in range(0, len(body), 7):
+                    yield body[i : i + 7]
+
+            async for event in sse_events(chunks()):
+                yield event
+
+        app_.state.generate = generate
         assert client.post("/v1/completions", json={"model": "m", "prompt": "Hi"}).status_code == 401
         auth = {"Authorization": "Bearer k"}
         body = {"model": "m", "prompt": "Hi", "max_tokens": 3, "stop": "x"}

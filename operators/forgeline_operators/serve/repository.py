@@ -72,6 +72,9 @@ class OpenvinoModelSpec:
     precision: str = "f32"  # INFERENCE_PRECISION_HINT and KV_CACHE_PRECISION; f32 is bit-exact vs HF
     num_kv_blocks: int = 512  # used when scheduler.kv_cache_gb is unset (block = 32 tokens)
     adapters: Mapping[str, AdapterRef] = field(default_factory=dict)
+    # Streaming responses per second, all live requests together: each one is an IPC round trip plus
+    # an SSE event in Triton, the front and the client, so under load several tokens share one.
+    max_stream_events_per_s: float = 500.0
 
 
 def is_openvino_ir(path: Path) -> bool:
@@ -105,6 +108,7 @@ def openvino_config(spec: OpenvinoModelSpec) -> str:
         "num_threads": str(spec.threads),
         "inference_precision": spec.precision,
         "kv_cache_precision": spec.precision,
+        "max_stream_events_per_s": f"{spec.max_stream_events_per_s:g}",
         "adapters": json.dumps(
             {
                 n: {"path": f"adapters/{n}/adapter_model.safetensors", "alpha": a.alpha}

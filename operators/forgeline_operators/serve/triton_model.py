@@ -13,6 +13,19 @@ of chat messages, rendered with the tokenizer's chat template), ``max_tokens``, 
 ``top_p``, ``top_k``, ``seed``, ``stop`` (strings), ``ignore_eos``, ``stream``, ``lora_name``.
 Outputs: ``text_output`` (the new text), ``output_ids`` (the new token ids), ``finish_reason``
 (empty until the last response), ``prompt_tokens``, ``completion_tokens``.
+
+Per-token cost is kept off the engine thread's critical path (measured with py-spy: before this, the
+engine thread spent more time in IPC than in ``step()``):
+
+- every call into the server (``send``, ``is_cancelled``, metric updates) is an IPC round trip, so they
+  are rate-limited: streaming responses are coalesced so that all live requests *together* get at most
+  ``max_stream_events_per_s`` responses (a lone stream still gets each token as it is made; under load
+  one response carries several tokens); cancellation is polled round-robin at a bounded rate;
+  metrics are published at most every 100 ms and once more when the engine goes idle;
+- text is detokenised incrementally (only the tokens since the last response, with a few tokens of
+  look-back) with the HF ``tokenizers`` decoder when the IR ships ``tokenizer.json``; the last
+  response checks the streamed text against one decode of the whole output, so streamed text always
+  equals the non-streamed text; a non-streaming request is decoded once, at the end.
 """
 
 from __future__ import annotations
@@ -33,6 +46,11 @@ import triton_python_backend_utils as pb_utils
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 DEFAULT_MAX_TOKENS = 64
+DEFAULT_EVENTS_PER_S = 500.0  # streaming responses per second, all live requests together
+CANCEL_CHECKS_PER_S = 200.0  # is_cancelled() round trips per second, all live requests together
+MIN_CANCEL_CHECK_S = 0.02
+METRICS_INTERVAL_S = 0.1
+LOOKBACK_TOKENS = 4
 
 
 @dataclass
@@ -47,8 +65,11 @@ class _Live:
     prompt_tokens: int
     handle: Any = None
     ids: list[int] = field(default_factory=list)
-    text: str = ""  # text already sent
-    pending: str = ""  # text produced but not yet sent (non-streaming)
+    sent_ids: int = 0  # ids[:sent_ids] went out in responses
+    read_offset: int = 0  # ids[:read_offset] are already turned into text
+    sent_text: list[str] = field(default_factory=list)  # streaming: text already sent
+    last_send: float = 0.0
+    next_cancel_check: float = 0.0
     cancelled: bool = False
 
 
@@ -81,6 +102,17 @@ def _is_cancelled(live: _Live) -> bool:
         return bool(checker()) if checker else False
     except Exception:  # the request object may already be released by the server
         return True
+
+
+def _decoder(engine_dir: Path, ov_tokenizer: Any) -> Any:
+    """ids → text: the HF ``tokenizers`` decoder (~100x cheaper per call) when the IR ships it."""
+    path = engine_dir / "tokenizer.json"
+    if not path.exists():  # OpenVINO's detokenizer is exact too, only slower per call
+        return lambda ids: str(ov_tokenizer.decode(ids, skip_special_tokens=True))
+    from tokenizers import Tokenizer
+
+    hf = Tokenizer.from_file(str(path))
+    return lambda ids: str(hf.decode(ids, skip_special_tokens=True))
 
 
 class TritonPythonModel:
@@ -125,9 +157,16 @@ class TritonPythonModel:
             properties["adapters"] = ov_genai.AdapterConfig([(a, 0.0) for a, _ in self._adapters.values()])
         self.pipe = ov_genai.ContinuousBatchingPipeline(str(engine_dir), sched, "CPU", properties)
         self.tokenizer = self.pipe.get_tokenizer()
+        self._decode = _decoder(engine_dir, self.tokenizer)
         self._eos = int(self.pipe.get_config().eos_token_id)
+        self._events_per_s = float(_param(params, "max_stream_events_per_s", str(DEFAULT_EVENTS_PER_S)))
+        self._tokens = self._steps = self._cancelled = 0
+        self._published = 0.0
+        self._dirty = False
         self._queue: queue.Queue[_Live | tuple[_Live, Any, Any]] = queue.Queue()
         self._stop = threading.Event()
+        self._draining = threading.Event()
+        self._drain_timeout_s = float(_param(params, "drain_timeout_s", "600"))
         self._next_id = 0
         self._metrics()
         self._thread = threading.Thread(target=self._engine, name="forgeline-engine", daemon=True)
@@ -229,12 +268,23 @@ class TritonPythonModel:
             try:
                 # A cancelled request leaves ``live`` at once but the pipeline frees its KV blocks on
                 # the next step: keep stepping while the pipeline holds anything.
-                busy = bool(live) or self.pipe.has_non_finished_requests()
-                self._admit(live, block=not busy)
-                if live or self.pipe.has_non_finished_requests():
-                    self.pipe.step()
-                    self._m_steps.increment(1)
-                    self._collect(live)
+                if not live and not self.pipe.has_non_finished_requests():
+                    if self._dirty:
+                        # cache_usage is measured when a step schedules; one step with nothing to run
+                        # makes the engine report the cache as it is now, after the last free.
+                        self.pipe.step()
+                        self._dirty = False
+                        self._publish(live, force=True)
+                    if self._draining.is_set() and self._queue.empty():
+                        return
+                    self._admit(live, block=True)
+                    continue
+                self._admit(live, block=False)
+                self.pipe.step()
+                self._dirty = True
+                self._steps += 1
+                self._collect(live)
+                self._publish(live)
             except Exception:  # keep serving: fail the requests in flight, not the server
                 err = traceback.format_exc()
                 for item in list(live.values()):
@@ -254,37 +304,70 @@ class TritonPythonModel:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 break
+
+    def _publish(self, live: dict[int, _Live], force: bool = False) -> None:
+        """Metrics to the server (each update is an IPC): at most every METRICS_INTERVAL_S."""
+        now = time.monotonic()
+        if not force and now - self._published < METRICS_INTERVAL_S:
+            return
+        self._published = now
         self._m_running.set(len(live))
+        self._m_kv.set(float(self.pipe.get_metrics().cache_usage) / 100.0)
+        if self._tokens:
+            self._m_tokens.increment(self._tokens)
+            self._tokens = 0
+        if self._steps:
+            self._m_steps.increment(self._steps)
+            self._steps = 0
+        if self._cancelled:
+            self._m_cancelled.increment(self._cancelled)
+            self._cancelled = 0
 
     def _collect(self, live: dict[int, _Live]) -> None:
         done: list[int] = []
-        new_tokens = 0
+        now = time.monotonic()
+        # Both budgets are shared by all live requests: per-request intervals grow with the batch.
+        send_gap = len(live) / self._events_per_s
+        check_gap = max(MIN_CANCEL_CHECK_S, len(live) / CANCEL_CHECKS_PER_S)
+        running = self._ov.GenerationStatus.RUNNING
         for rid, req in live.items():
-            if not req.cancelled and _is_cancelled(req):
-                req.cancelled = True
-                req.handle.cancel()
-                self._m_cancelled.increment(1)
-            fresh: list[int] = []
-            if req.handle.can_read():
-                for out in req.handle.read().values():
-                    fresh.extend(int(t) for t in out.generated_ids)
-            new_tokens += len(fresh)
-            status = req.handle.get_status()
-            finished = status != self._ov.GenerationStatus.RUNNING and not req.handle.can_read()
+            if not req.cancelled and now >= req.next_cancel_check:
+                req.next_cancel_check = now + check_gap
+                if _is_cancelled(req):
+                    self._cancel(req)
             if req.cancelled:
-                self._send(req, [], "cancelled", final=True)
+                self._send(req, "", [], "cancelled", final=True)
                 done.append(rid)
-            elif fresh or finished:
-                req.ids.extend(fresh)
-                reason = self._reason(req, status) if finished else ""
-                self._send(req, fresh, reason, final=finished)
-                if finished:
-                    done.append(rid)
+                continue
+            handle = req.handle
+            if handle.can_read():
+                before = len(req.ids)
+                for out in handle.read().values():
+                    req.ids.extend(out.generated_ids)
+                self._tokens += len(req.ids) - before
+            status = handle.get_status()
+            if status != running and not handle.can_read():
+                self._finish(req, status)
+                done.append(rid)
+            elif (
+                req.stream
+                and len(req.ids) > req.sent_ids
+                and (
+                    req.sent_ids == 0 or now - req.last_send >= send_gap  # first token: at once (TTFT)
+                )
+            ):
+                text = self._incremental(req)
+                if text or req.sent_ids == 0:
+                    self._send(req, text, req.ids[req.sent_ids :], "", final=False)
+                    req.sent_text.append(text)
+                    req.sent_ids, req.last_send = len(req.ids), now
         for rid in done:
             live.pop(rid)
-        self._m_tokens.increment(new_tokens)
-        self._m_running.set(len(live))
-        self._m_kv.set(float(self.pipe.get_metrics().cache_usage) / 100.0)
+
+    def _cancel(self, req: _Live) -> None:
+        req.cancelled = True
+        req.handle.cancel()
+        self._cancelled += 1
 
     def _reason(self, req: _Live, status: Any) -> str:
         if status != self._ov.GenerationStatus.FINISHED:
@@ -293,25 +376,31 @@ class TritonPythonModel:
             return "length"
         return "stop"
 
-    def _delta(self, req: _Live, final: bool) -> str:
-        text = self.tokenizer.decode(req.ids, skip_special_tokens=True)
-        # Hold back an incomplete UTF-8 sequence until the next token completes it.
-        if not final and text.endswith("\ufffd"):
-            return ""
-        delta = text[len(req.text) :] if text.startswith(req.text) else text
-        req.text = text
-        return delta
+    def _incremental(self, req: _Live) -> str:
+        """Text of ``ids[read_offset:]``, decoding only a short window (look-back for merges/spaces)."""
+        ids, start = req.ids, max(0, req.read_offset - LOOKBACK_TOKENS)
+        prefix = self._decode(ids[start : req.read_offset]) if req.read_offset > start else ""
+        text = self._decode(ids[start:])
+        if text.endswith("\ufffd") or not text.startswith(prefix):
+            return ""  # an incomplete UTF-8 sequence (or a merge across the window): wait for more
+        req.read_offset = len(ids)
+        return text[len(prefix) :]
 
-    def _send(self, req: _Live, fresh: list[int], reason: str, final: bool) -> None:
-        delta = self._delta(req, final) if (fresh or final) and reason != "cancelled" else ""
-        if not req.stream and not final:
-            req.pending += delta
-            return
+    def _finish(self, req: _Live, status: Any) -> None:
+        reason = self._reason(req, status)
+        whole = self._decode(req.ids)
         if not req.stream:
-            delta, fresh = req.pending + delta, req.ids
+            self._send(req, whole, req.ids, reason, final=True)
+            return
+        sent = "".join(req.sent_text)
+        # One full decode per request keeps streamed text equal to the non-streamed text.
+        rest = whole[len(sent) :] if whole.startswith(sent) else self._incremental(req)
+        self._send(req, rest, req.ids[req.sent_ids :], reason, final=True)
+
+    def _send(self, req: _Live, text: str, ids: list[int], reason: str, final: bool) -> None:
         tensors = [
-            pb_utils.Tensor("text_output", np.array([delta.encode("utf-8")], dtype=np.object_)),
-            pb_utils.Tensor("output_ids", np.array(fresh, dtype=np.int32)),
+            pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_)),
+            pb_utils.Tensor("output_ids", np.array(ids, dtype=np.int32)),
             pb_utils.Tensor("finish_reason", np.array([reason.encode()], dtype=np.object_)),
             pb_utils.Tensor("prompt_tokens", np.array([req.prompt_tokens], dtype=np.int32)),
             pb_utils.Tensor("completion_tokens", np.array([len(req.ids)], dtype=np.int32)),
@@ -319,15 +408,17 @@ class TritonPythonModel:
         try:
             req.sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL if final else 0)
         except Exception:  # the client is gone: cancel in the engine on the next pass
-            if not final:
-                req.cancelled = True
-                req.handle.cancel()
+            if not final and not req.cancelled:
+                self._cancel(req)
 
     def _fail(self, req: _Live, message: str) -> None:
         with contextlib.suppress(Exception):
             req.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), flags=FINAL)
 
     def finalize(self) -> None:
+        # A reload swaps in the new instance, then finalizes this one. Triton already counts the
+        # decoupled requests as released, so drain them here: stopping at once cut their streams.
+        self._draining.set()
+        self._thread.join(timeout=float(self._drain_timeout_s))
         self._stop.set()
-        deadline = time.monotonic() + 10
-        self._thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        self._thread.join(timeout=10)
