@@ -26,7 +26,12 @@ def operator_specs() -> list[OperatorSpec]:
             entrypoint="forgeline_operators.finetune.operator:run",
             version="1",
             capabilities=Capabilities(
-                cpu=True, gpu=True, data_parallel=True, tensor_parallel=False, pipeline_parallel=False
+                cpu=True,
+                gpu=True,
+                data_parallel=True,
+                tensor_parallel=False,
+                pipeline_parallel=False,
+                spawns_workers=True,
             ),
             description="SFT, LoRA, QLoRA (bitsandbytes NF4) and DPO with trl + peft; dp over Ray Train.",
         ),

@@ -133,7 +133,7 @@ def plan(
                 sp.name,
                 kind,
                 ",".join(sp.deps) or "-",
-                f"{sp.cpus:g}",
+                f"{sp.total_cpus:g}",
                 str(sp.gpus),
                 human_count(sp.shape.parameters) if sp.shape else "?",
                 human_bytes(sp.memory.per_device_bytes) if sp.memory else "-",

@@ -36,6 +36,9 @@ class Capabilities:
     tensor_parallel: bool = False
     pipeline_parallel: bool = False
     data_parallel: bool = False
+    # The operator starts its own Ray Train workers (one per rank, tp*pp*dp) when the world size is
+    # above 1; its stage task then only coordinates and must not hold the CPUs/GPUs they need.
+    spawns_workers: bool = False
     # Option values (e.g. quantization formats) that only run with CUDA.
     gpu_only_options: frozenset[str] = field(default_factory=frozenset)
 

@@ -158,14 +158,16 @@ def test_plan_rejects_tp_and_pp_for_backend_hf(tmp_path: Path) -> None:
     assert not any("parallelism.dp" in p for p in problems)
 
 
-def test_plan_gives_a_data_parallel_coordinator_no_cpus(tmp_path: Path) -> None:
+def test_plan_gives_a_data_parallel_coordinator_no_resources(tmp_path: Path) -> None:
     plan = _plan(tmp_path, "{dp: 2}")
     assert not plan.problems()
     tune = plan.stage("tune")
-    assert tune.cpus == 0 and tune.operator is not None
+    assert tune.workers == 2 and tune.task_resources == (0.0, 0) and tune.total_cpus == 2
+    assert tune.operator is not None
     assert tune.operator.entrypoint.endswith("finetune.operator:run")
     assert tune.memory is not None and tune.memory.per_device_bytes > 0
-    assert _plan(tmp_path, "{dp: 1}").stage("tune").cpus == 1
+    single = _plan(tmp_path, "{dp: 1}").stage("tune")
+    assert single.workers == 0 and single.task_resources == (1, 0)
 
 
 def test_a_malformed_dataset_is_reported_by_row_before_anything_runs(tmp_path: Path) -> None:
@@ -184,3 +186,24 @@ def test_a_malformed_dataset_is_reported_by_row_before_anything_runs(tmp_path: P
     assert f"{bad}:2" in str(info.value) and "prefs[1].rejected: missing required key 'rejected'" in str(
         info.value
     )
+
+
+def test_plan_gives_gpu_workers_the_gpus_not_the_coordinator(tmp_path: Path) -> None:
+    wf = tmp_path / "gpu.yaml"
+    (tmp_path / "d.jsonl").write_text('{"prompt": "p", "completion": "c"}\n')
+    wf.write_text(
+        "name: g\nmodel: {base: builtin://tiny-llama}\nresources: {device: gpu}\n"
+        "data: {d: {path: d.jsonl, format: sft}}\n"
+        "stages:\n  - {name: tune, kind: finetune, method: lora, dataset: d, parallelism: {dp: 4}}\n"
+    )
+    from forgeline.artifacts import ModelStore, StageStore
+    from forgeline.plan import Planner
+    from forgeline.registry import default_registry
+    from forgeline.spec import load_workflow
+
+    reg = default_registry()
+    tune = (
+        Planner(load_workflow(wf), reg, ModelStore(tmp_path, reg), StageStore(tmp_path)).build().stage("tune")
+    )
+    assert tune.gpus == 4 and tune.workers == 4
+    assert tune.task_resources == (0.0, 0)  # the 4 Ray Train workers take one GPU each

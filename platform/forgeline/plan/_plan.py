@@ -47,8 +47,9 @@ class StagePlan:
     index: int  # position in the YAML
     deps: list[str]
     operator: OperatorSpec | None
-    cpus: float
-    gpus: int
+    cpus: float  # per worker (or for the stage's task when it has no workers)
+    gpus: int  # total for the stage
+    workers: int = 0  # Ray Train workers the operator starts; 0: the stage's task does the work
     shape: ModelShape | None = None
     memory: MemoryEstimate | None = None
     tokens: int | None = None
@@ -60,6 +61,16 @@ class StagePlan:
     reasons: list[str] = field(default_factory=list)  # why it would (not) run
     problems: list[Problem] = field(default_factory=list)  # block the run
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def total_cpus(self) -> float:
+        return self.cpus * max(1, self.workers)
+
+    @property
+    def task_resources(self) -> tuple[float, int]:
+        """(CPUs, GPUs) the stage's own Ray task reserves: none when its workers hold them (a
+        coordinator holding them too would starve its workers: dp=2 on 2 CPUs would never start)."""
+        return (0.0, 0) if self.workers else (self.cpus, self.gpus)
 
     @property
     def status(self) -> str:
@@ -76,7 +87,7 @@ class StagePlan:
             "operator": None
             if self.operator is None
             else {"entrypoint": self.operator.entrypoint, "version": self.operator.version},
-            "resources": {"cpus": self.cpus, "gpus": self.gpus},
+            "resources": {"cpus": self.total_cpus, "gpus": self.gpus, "workers": self.workers},
             "parameters": self.shape.parameters if self.shape else None,
             "memory_per_device_bytes": self.memory.per_device_bytes if self.memory else None,
             "memory_parts": self.memory.parts if self.memory else None,
@@ -260,19 +271,20 @@ class Planner:
         cpus = (
             stage.resources.cpus if stage.resources and stage.resources.cpus else None
         ) or res.cpus_per_stage
-        if isinstance(stage, FinetuneStage) and stage.parallelism.dp > 1:
-            # The stage's task only coordinates a Ray Train run whose dp workers reserve `cpus` each;
-            # a coordinator holding CPUs too could starve them (dp=2 on a 2-CPU cluster never starts).
-            cpus = 0
+        op = self.registry.operator(kind, backend)
+        workers = 0
+        if isinstance(stage, FinetuneStage) and op is not None and op.capabilities.spawns_workers:
+            workers = stage.parallelism.world_size if stage.parallelism.world_size > 1 else 0
         return StagePlan(
             name=stage.name,
             kind=kind,
             backend=backend,
             index=i,
             deps=self.workflow.dependencies(stage.name),
-            operator=self.registry.operator(kind, backend),
+            operator=op,
             cpus=cpus,
             gpus=gpus,
+            workers=workers,
         )
 
     # --------------------------------------------------------- estimates

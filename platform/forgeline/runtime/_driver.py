@@ -351,9 +351,10 @@ class Driver:
             threads=max(1, int(sp.cpus)),
             registry=self.registry if self.explicit_registry else None,
         )
-        options: dict[str, Any] = {"num_cpus": sp.cpus, "max_retries": 0, "name": f"forgeline:{name}"}
-        if sp.gpus:
-            options["num_gpus"] = sp.gpus
+        task_cpus, task_gpus = sp.task_resources
+        options: dict[str, Any] = {"num_cpus": task_cpus, "max_retries": 0, "name": f"forgeline:{name}"}
+        if task_gpus:
+            options["num_gpus"] = task_gpus
         if stage.resources and stage.resources.memory_gb:
             options["memory"] = int(stage.resources.memory_gb * 2**30)
         import ray
@@ -365,7 +366,7 @@ class Driver:
         total = ray.cluster_resources()
         short = [
             f"{need:g} {res}"
-            for res, need in (("CPU", sp.cpus), ("GPU", sp.gpus))
+            for res, need in (("CPU", sp.total_cpus), ("GPU", sp.gpus))
             if need > total.get(res, 0)
         ]
         if short:
