@@ -185,10 +185,10 @@ def _run(
         raise typer.Exit(1) from None
     except Exception as e:
         raise _fail(e, verbose) from None
-    _print_summary(summary, settings.home)
+    _print_summary(summary, settings.home, loaded.workflow)
 
 
-def _print_summary(summary: Any, home: Path) -> None:
+def _print_summary(summary: Any, home: Path, workflow: Any) -> None:
     counts: dict[str, int] = {}
     for o in summary.stages.values():
         counts[o.state] = counts.get(o.state, 0) + 1
@@ -202,6 +202,16 @@ def _print_summary(summary: Any, home: Path) -> None:
             for name, value in o.record.outputs.items():
                 if value["type"] == "value":
                     out.print(f"  {o.name}.{name} = {value['value']}", highlight=False)
+            if o.record.meta.get("kind") == "deploy" and "endpoint" in o.record.outputs:
+                url = o.record.outputs["endpoint"]["value"]
+                # The deploy operator serves the model under the endpoint's name.
+                model = getattr(workflow.stage(o.name), "endpoint_name", None) or workflow.name
+                body = json.dumps({"model": model, "prompt": "Hello", "max_tokens": 16})
+                out.print(
+                    f"  try:      curl {url}/v1/completions -H 'Content-Type: application/json' -d '{body}'",
+                    highlight=False,
+                    soft_wrap=True,
+                )
     out.print(f"  tracking: {summary.tracking_uri} (experiment {summary.experiment_id})", highlight=False)
     home_flag = "" if home == _home(None) else f" --home {home}"
     out.print(f"  stages:   forgeline status {summary.run_id}{home_flag}", highlight=False)

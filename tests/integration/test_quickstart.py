@@ -12,8 +12,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -33,7 +35,14 @@ def forgeline(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_quickstart_kill9_resume_then_fully_cached(home: Path) -> None:
+@pytest.fixture
+def stop_endpoints(home: Path) -> Iterator[None]:
+    """The quickstart leaves its endpoint running (by design): stop it whatever the test did."""
+    yield
+    forgeline("endpoints", "stop", "--all", home=home)
+
+
+def test_quickstart_kill9_resume_then_fully_cached(home: Path, stop_endpoints: None) -> None:
     client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
     proc = subprocess.Popen(
         [*CLI, "run", "workflows/quickstart.yaml", "--home", str(home)],
@@ -67,10 +76,19 @@ def test_quickstart_kill9_resume_then_fully_cached(home: Path) -> None:
     exp = client.get_run(run_id).info.experiment_id
     children = client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'")
     stages = sorted(c.data.tags[TAG_STAGE] for c in children)
-    assert stages == ["eval-base", "eval-task", "register"]  # one child per stage, none duplicated
+    # one child run per stage, none duplicated
+    assert stages == sorted(
+        ["eval-base", "sft", "align", "eval-tuned", "quantize", "build", "register", "serve", "deploy"]
+    )
     assert all(c.info.status == "FINISHED" for c in children)
     workflow_runs = client.search_runs([exp], filter_string=f"tags.`{TAG_ROLE}` = 'workflow'")
     assert len(workflow_runs) == 1  # resume continued the same run
+
+    # The endpoint the run deployed answers through its OpenAI-compatible API.
+    body = {"model": "quickstart", "prompt": "Uppercase: hello", "max_tokens": 8}
+    reply = httpx.post("http://127.0.0.1:8321/v1/completions", json=body, timeout=60)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["usage"]["completion_tokens"] >= 1
 
     mv = client.get_model_version_by_alias("quickstart-tiny-llama", "candidate")
     assert mv.tags["forgeline.sha256"]
@@ -78,7 +96,7 @@ def test_quickstart_kill9_resume_then_fully_cached(home: Path) -> None:
 
     again = forgeline("run", "workflows/quickstart.yaml", home=home)
     assert again.returncode == 0, again.stdout + again.stderr
-    assert "3 cached" in again.stdout
+    assert "9 cached" in again.stdout  # the endpoint is still up, so even deploy is reused
     assert len(client.search_model_versions("name = 'quickstart-tiny-llama'")) == 1
 
     status = forgeline("status", home=home)

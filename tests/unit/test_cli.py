@@ -25,7 +25,7 @@ def runner() -> CliRunner:
 def test_validate_a_good_file(runner: CliRunner) -> None:
     result = runner.invoke(app, ["validate", str(QUICKSTART)])
     assert result.exit_code == 0, result.output
-    assert f"{QUICKSTART}: ok (3 stages)" in result.output
+    assert f"{QUICKSTART}: ok (9 stages)" in result.output
 
 
 def test_validate_a_broken_file_lists_located_problems_without_a_traceback(runner: CliRunner) -> None:
@@ -93,11 +93,13 @@ def test_plan_json_lists_the_stages_and_creates_no_tracking_store(runner: CliRun
     data = json.loads(result.stdout)
     assert data["workflow"] == "quickstart" and data["problems"] == []
     stages = {s["name"]: s for s in data["stages"]}
-    assert list(stages) == ["eval-base", "eval-task", "register"]
-    assert stages["register"]["deps"] == ["eval-base", "eval-task"]
+    assert list(stages) == [
+        "eval-base", "sft", "align", "eval-tuned", "quantize", "build", "register", "serve", "deploy"
+    ]  # fmt: skip
+    assert stages["register"]["deps"] == ["eval-base", "eval-tuned", "build"]
     assert all(s["status"] == "run" for s in stages.values())
-    assert stages["eval-base"]["key"] and stages["eval-task"]["key"]
-    assert stages["register"]["key"] is None  # known once both evaluations have run
+    assert stages["eval-base"]["key"] and stages["sft"]["key"]  # roots: known before anything runs
+    assert stages["align"]["key"] is None  # known once sft has run (its output is part of the key)
     assert not list(tmp_path.rglob("mlflow.db")), "plan must not create an MLflow database"
 
 

@@ -320,7 +320,7 @@ class Driver:
         check = op.load_cache_check() if hit is not None else None
         stale = check(hit, self.settings.home, self.tracking.uri) if check and hit else None
         if stale:
-            self.progress(name, "stale", {"error": f"cached result no longer valid: {stale}"})
+            self.progress(name, "stale", {"reason": f"cached result no longer valid: {stale}"})
             base_tags["forgeline.stale_cache"] = stale[:500]
             hit = None
         if hit is not None:

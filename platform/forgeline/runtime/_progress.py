@@ -72,6 +72,8 @@ class Progress:
                 extra += " " + _key_metric(detail["metrics"])
             if detail.get("error"):
                 extra += f" error: {detail['error']}"
+            if detail.get("reason"):
+                extra += f" ({detail['reason']})"
             stamp = time.strftime("%H:%M:%S")
             print(f"[{stamp}] {stage}: {state}{extra}", file=sys.stderr, flush=True)
 
