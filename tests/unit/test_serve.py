@@ -21,6 +21,7 @@ from forgeline.spec._models import DeployStage, SchedulerSpec
 from forgeline_operators.deploy.endpoint import EndpointRecord, _write_record, list_endpoints, pid_alive
 from forgeline_operators.deploy.front import FrontSettings, create_app, sse_events
 from forgeline_operators.deploy.loadgen import LoadSpec, percentile, workload
+from forgeline_operators.deploy.triton import TritonError, free_port, load_model, repository_request
 from forgeline_operators.serve.repository import (
     MANIFEST,
     AdapterRef,
@@ -215,3 +216,15 @@ def test_front_against_stub_triton() -> None:
         )
         assert client.get("/v1/health/ready").status_code == 200
         assert 'forgeline_requests_total{route="completions",status="200"} 2.0' in client.get("/metrics").text
+
+
+def test_repository_request_is_the_proto_wire_format() -> None:
+    # RepositoryModelLoadRequest { model_name = 2 }: tag 0x12, varint length, UTF-8 name.
+    assert repository_request("tiny") == b"\x12\x04tiny"
+    long = "m" * 200
+    assert repository_request(long) == b"\x12\xc8\x01" + long.encode()
+
+
+def test_load_model_without_server_raises_triton_error() -> None:
+    with pytest.raises(TritonError, match="RepositoryModelLoad 'tiny' failed"):
+        load_model(f"127.0.0.1:{free_port()}", "tiny", timeout_s=2)

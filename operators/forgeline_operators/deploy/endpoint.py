@@ -59,6 +59,8 @@ class EndpointRecord:
     log: str
     started_at: float
     ready: bool = False
+    # host:port of Triton's gRPC service: load/reload models there (triton.load_model), not over HTTP.
+    triton_grpc: str = ""
 
     @property
     def alive(self) -> bool:
@@ -263,6 +265,7 @@ def serve_foreground(
                 repository=str(repository),
                 model=served_name or name,
                 triton_url=server.url,
+                triton_grpc=server.grpc_target,
                 log=str(endpoints_dir(home) / f"{name}.log"),
                 started_at=time.time(),
             )

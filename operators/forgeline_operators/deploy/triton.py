@@ -3,11 +3,19 @@
 The server runs in its own process group (its python stubs are its children), with explicit model
 control so models move through the repository API (promotion without restart). Every wait polls
 with a deadline; :meth:`TritonServer.stop` sends SIGTERM to the group, waits, then SIGKILLs it.
+
+Load and unload go through **gRPC**, never HTTP. In tritonserver 2.51 an HTTP repository call runs
+synchronously on one of the HTTP frontend's event threads for the whole load (seconds); responses of
+``generate_stream`` requests in flight are handed to those threads with ``evthr_defer``, and while the
+load blocks, events get lost: the stream then ends early on a stale event with no finish reason, or
+never ends. Measured with a 3000-token stream and a mid-stream load (of the same model or another
+one): over HTTP 786-955 of ~1200 events arrived, ending at ~2000 tokens; over gRPC every stream was
+whole. The old instance itself keeps generating to the end either way: Triton swaps in the new
+instance for new requests and keeps the old one alive until its response senders are gone.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -30,12 +38,58 @@ __all__ = [
     "free_port",
     "group_members",
     "kill_group",
+    "load_model",
+    "repository_request",
     "server_env",
+    "unload_model",
 ]
 
 
 class TritonError(RuntimeError):
     """The server did not start, a model did not load, or the server answered with an error."""
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def repository_request(model: str) -> bytes:
+    """Serialized ``inference.RepositoryModelLoadRequest`` / ``...UnloadRequest`` for ``model``.
+
+    Both messages carry ``model_name`` as field 2 (``grpc_service.proto``, Triton r24.10); written by
+    hand so that loading a model needs grpcio only, not tritonclient and its generated stubs.
+    """
+    name = model.encode()
+    return b"\x12" + _varint(len(name)) + name
+
+
+def _grpc_repository(target: str, method: str, model: str, timeout_s: float) -> None:
+    import grpc
+
+    with grpc.insecure_channel(target) as channel:
+        call = channel.unary_unary(f"/inference.GRPCInferenceService/{method}")
+        try:
+            call(repository_request(model), timeout=timeout_s)
+        except grpc.RpcError as e:
+            details = e.details() if isinstance(e, grpc.Call) else str(e)
+            raise TritonError(f"{method} {model!r} failed: {details}") from e
+
+
+def load_model(grpc_target: str, model: str, timeout_s: float = 120.0) -> None:
+    """Load, or reload, ``model`` over gRPC (see the module note: never over HTTP with streams live).
+
+    A reload swaps the new instance in for new requests; requests in flight finish on the old one.
+    """
+    _grpc_repository(grpc_target, "RepositoryModelLoad", model, timeout_s)
+
+
+def unload_model(grpc_target: str, model: str, timeout_s: float = 60.0) -> None:
+    _grpc_repository(grpc_target, "RepositoryModelUnload", model, timeout_s)
 
 
 def free_port() -> int:
@@ -194,16 +248,16 @@ class TritonServer:
 
     # --------------------------------------------------------------------------- repository API
 
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.ports.grpc}"
+
     def load(self, model: str, timeout_s: float = 120.0) -> None:
-        """Load (or reload: in-flight requests finish on the old instance) a model."""
-        r = httpx.post(f"{self.url}/v2/repository/models/{model}/load", timeout=timeout_s)
-        if r.status_code != 200:
-            raise TritonError(f"loading {model!r} failed: {_error(r)}")
+        """Load (or reload: in-flight requests finish on the old instance) a model, over gRPC."""
+        load_model(self.grpc_target, model, timeout_s)
 
     def unload(self, model: str, timeout_s: float = 60.0) -> None:
-        r = httpx.post(f"{self.url}/v2/repository/models/{model}/unload", timeout=timeout_s)
-        if r.status_code != 200:
-            raise TritonError(f"unloading {model!r} failed: {_error(r)}")
+        unload_model(self.grpc_target, model, timeout_s)
 
     def index(self) -> list[dict[str, str]]:
         r = httpx.post(f"{self.url}/v2/repository/index", timeout=10)
@@ -242,10 +296,3 @@ class TritonServer:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
-
-
-def _error(r: httpx.Response) -> str:
-    try:
-        return str(json.loads(r.text).get("error", r.text))
-    except ValueError:
-        return r.text or f"HTTP {r.status_code}"

@@ -416,8 +416,11 @@ class TritonPythonModel:
             req.sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)), flags=FINAL)
 
     def finalize(self) -> None:
-        # A reload swaps in the new instance, then finalizes this one. Triton already counts the
-        # decoupled requests as released, so drain them here: stopping at once cut their streams.
+        # On reload, Triton 2.51 keeps the replaced instance alive while its response senders live
+        # (seen: it generated to the last token after the swap; finalize came only after that), so
+        # this normally finds nothing in flight. Draining is the safety net for an earlier finalize.
+        # Streams cut on reload were the HTTP frontend losing events during an HTTP load call, see
+        # forgeline_operators/deploy/triton.py.
         self._draining.set()
         self._thread.join(timeout=float(self._drain_timeout_s))
         self._stop.set()
