@@ -75,9 +75,8 @@ def test_dp_beyond_the_cluster_fails_with_the_numbers(tmp_path: Path, home: Path
         run_workflow(load_workflow(wf), RunSettings(home=home))
     failed = info.value.summary.stages["dp2"]
     assert failed.state == "failed"
-    assert "dp=3 needs 3 CPU (1 per Ray Train worker) but the Ray cluster has 2 in total" in (
-        failed.error or ""
-    )
+    # The driver refuses before starting the stage's task: dp=3 workers need 3 CPUs, Ray has 2.
+    assert "needs 3 CPU (3 Ray Train workers x 1 CPU) but the Ray cluster has 2 CPU" in (failed.error or "")
 
 
 @pytest.mark.slow

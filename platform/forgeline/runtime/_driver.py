@@ -291,7 +291,8 @@ class Driver:
             if name not in outcomes:
                 outcomes[name] = StageOutcome(name, "skipped", children.get(name))
                 self.progress(name, "skipped", {})
-        return "FAILED" if failed else "FINISHED"
+        # A stage can fail without ever running (unschedulable), so decide from the outcomes.
+        return "FAILED" if any(o.state == "failed" for o in outcomes.values()) else "FINISHED"
 
     def _start_stage(
         self,
@@ -371,7 +372,8 @@ class Driver:
         ]
         if short:
             have = f"{total.get('CPU', 0):g} CPU, {total.get('GPU', 0):g} GPU"
-            msg = f"needs {' and '.join(short)} but the Ray cluster has {have} in total"
+            workers = f" ({sp.workers} Ray Train workers x {sp.cpus:g} CPU)" if sp.workers else ""
+            msg = f"needs {' and '.join(short)}{workers} but the Ray cluster has {have} in total"
             self._complete_stage(
                 tracker, name, task, {"ok": False, "error": msg, "seconds": 0.0}, children, outcomes
             )
