@@ -99,10 +99,10 @@ def _case(method: str, dp: int, model: str, steps: int) -> dict[str, Any]:
     import peft  # noqa: F401
     from trl import DPOTrainer, SFTTrainer  # noqa: F401
 
+    from forgeline.artifacts import sha256_file
     from forgeline.plan._estimates import finetune_memory, shape_from_dir
     from forgeline.runtime.context import DatasetInput, MemorySink, StageContext
     from forgeline.spec import Workflow
-    from forgeline.spec._datasets import file_sha256
     from forgeline_operators.finetune import _train, dpo, sft  # noqa: F401
     from forgeline_operators.finetune.operator import run
     from forgeline_operators.models.tiny_llama import CHECKPOINT_DIR
@@ -137,7 +137,7 @@ def _case(method: str, dp: int, model: str, steps: int) -> dict[str, Any]:
         sink=MemorySink(),
         resolve=lambda ref: model_dir,
         values=lambda ref: None,
-        datasets={n: DatasetInput(n, p, f, file_sha256(p)) for n, (p, f) in data.items()},
+        datasets={n: DatasetInput(n, p, f, sha256_file(p)) for n, (p, f) in data.items()},
         threads=1,
     )
     shape = shape_from_dir(model_dir)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from forgeline.spec._datasets import file_sha256, read_dataset, validate_dataset
+from forgeline.artifacts import sha256_file
+from forgeline.spec._datasets import read_dataset, validate_dataset
 from forgeline.spec._errors import WorkflowError
 
 
@@ -230,6 +231,6 @@ def test_read_dataset_raises_with_every_problem(tmp_path: Path) -> None:
     assert f"{path}:3: corpus[2].txt: unknown key 'txt'" in str(info.value)
 
 
-def test_file_sha256(tmp_path: Path) -> None:
+def test_sha256_file(tmp_path: Path) -> None:
     path = write(tmp_path, [GOOD_SFT])
-    assert file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert sha256_file(path) == hashlib.sha256(path.read_bytes()).hexdigest()

@@ -17,8 +17,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from forgeline.artifacts import sha256_file
 from forgeline.runtime.context import DatasetInput, GateFailed, MemorySink, OperatorError, StageContext
-from forgeline.spec._datasets import file_sha256
 from forgeline_operators.data import IGNORE_INDEX, encode_row, generation_prompt
 from forgeline_operators.evaluate import run
 
@@ -109,7 +109,7 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
 
 
 def _dataset(name: str, path: Path, fmt: str) -> DatasetInput:
-    return DatasetInput(name=name, path=path, format=fmt, sha256=file_sha256(path))
+    return DatasetInput(name=name, path=path, format=fmt, sha256=sha256_file(path))
 
 
 def _ctx(

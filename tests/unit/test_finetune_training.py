@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from forgeline.artifacts import sha256_file
 from forgeline.runtime.context import DatasetInput, MemorySink, OperatorError, StageContext, StageResult
 from forgeline.spec import Workflow
-from forgeline.spec._datasets import file_sha256, read_dataset
+from forgeline.spec._datasets import read_dataset
 from forgeline_operators.data import IGNORE_INDEX, collate, encode_row, encode_rows
 from forgeline_operators.finetune._checkpoints import COMPLETE_MARKER
 from forgeline_operators.finetune._train import load_tokenizer
@@ -36,7 +37,7 @@ FAST = {"max_steps": 30, "micro_batch_size": 8, "max_seq_len": 64, "eval_fractio
 
 
 def _dataset(name: str, path: Path, fmt: str) -> DatasetInput:
-    return DatasetInput(name, path, fmt, file_sha256(path))
+    return DatasetInput(name, path, fmt, sha256_file(path))
 
 
 def _ctx(

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from forgeline.artifacts import sha256_file
 from forgeline.runtime.context import (
     DatasetInput,
     GateFailed,
@@ -24,7 +25,6 @@ from forgeline.runtime.context import (
     StageResult,
 )
 from forgeline.spec import QuantizeStage
-from forgeline.spec._datasets import file_sha256
 from forgeline_operators.models.tiny_llama import SOURCE
 from forgeline_operators.quantize import run
 
@@ -48,7 +48,7 @@ def context(tmp: Path, model_dir: Path, sink: MemorySink | None = None, **fields
     }
     stage = QuantizeStage.model_validate(spec)
     datasets = {
-        name: DatasetInput(name, DATA / file, fmt, file_sha256(DATA / file))
+        name: DatasetInput(name, DATA / file, fmt, sha256_file(DATA / file))
         for name, file, fmt in (
             ("corpus", "corpus_sample.jsonl", "text"),
             ("held_out", "held_out.jsonl", "sft"),

@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from forgeline.runtime.context import GateFailed, OperatorError, StageContext, StageResult
-from forgeline.spec._datasets import file_sha256, read_dataset
 from forgeline_operators.data import (
     IGNORE_INDEX,
     Example,
@@ -251,10 +250,7 @@ def run(ctx: StageContext) -> StageResult:
     dataset = ctx.dataset(stage.dataset)
     measured = _measured(stage)
     _check_request(stage, dataset.format, measured)
-    # The plan validated this exact file; a file changed since would make the report lie about its data.
-    if file_sha256(dataset.path) != dataset.sha256:
-        raise OperatorError(f"dataset {dataset.name!r} changed since the run was planned: {dataset.path}")
-    rows = read_dataset(dataset.path, dataset.format, name=dataset.name)
+    rows = ctx.read_rows(stage.dataset)
     if stage.max_samples is not None:
         rows = rows[: stage.max_samples]
 

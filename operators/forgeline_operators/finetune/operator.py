@@ -17,8 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from forgeline.runtime.context import MetricSink, OperatorError, StageContext, StageResult
-from forgeline.spec import FinetuneStage, WorkflowError
-from forgeline.spec._datasets import file_sha256, read_dataset
+from forgeline.spec import FinetuneStage
 from forgeline_operators.finetune._checkpoints import durable_dir, latest_complete
 from forgeline_operators.finetune._job import Features, MetricsTarget, Schedule, TrainJob, TrainOutcome
 
@@ -41,20 +40,10 @@ def train_entry(job: TrainJob, sink: MetricSink | None) -> TrainOutcome:
     return sft.train(job, sink)
 
 
-def _rows(ctx: StageContext, name: str) -> list[dict[str, Any]]:
-    dataset = ctx.dataset(name)
-    if file_sha256(dataset.path) != dataset.sha256:
-        raise OperatorError(f"dataset {dataset.name!r} changed since the run was planned: {dataset.path}")
-    try:
-        return read_dataset(dataset.path, dataset.format, name=dataset.name)
-    except WorkflowError as e:
-        raise OperatorError(str(e)) from None
-
-
 def _split(ctx: StageContext, stage: FinetuneStage) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    rows = _rows(ctx, stage.dataset)
+    rows = ctx.read_rows(stage.dataset)
     if stage.eval_dataset:
-        return rows, _rows(ctx, stage.eval_dataset)
+        return rows, ctx.read_rows(stage.eval_dataset)
     n_eval = round(len(rows) * stage.training.eval_fraction)
     if stage.training.eval_fraction > 0 and len(rows) >= 2:
         n_eval = max(1, n_eval)

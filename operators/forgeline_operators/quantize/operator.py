@@ -26,7 +26,6 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from forgeline.runtime.context import OperatorError, StageContext, StageResult
-from forgeline.spec._datasets import file_sha256, read_dataset
 from forgeline_operators.data import Example, encode_rows, pad_token_id
 from forgeline_operators.quantize.gate import check_gate, compare
 
@@ -50,11 +49,7 @@ def _validate(stage: Any) -> None:
 
 
 def _rows(ctx: StageContext, name: str) -> tuple[list[dict[str, Any]], str]:
-    dataset = ctx.dataset(name)
-    # The plan validated this exact file; a file changed since would make the gate lie about its data.
-    if file_sha256(dataset.path) != dataset.sha256:
-        raise OperatorError(f"dataset {dataset.name!r} changed since the run was planned: {dataset.path}")
-    return read_dataset(dataset.path, dataset.format, name=dataset.name), dataset.format
+    return ctx.read_rows(name), ctx.dataset(name).format
 
 
 def _data(ctx: StageContext, stage: Any, tokenizer: Any) -> tuple[list[list[int]], list[Example]]:

@@ -120,6 +120,21 @@ class StageContext:
         except KeyError:
             raise OperatorError(f"dataset {name!r} is not declared under data:") from None
 
+    def read_rows(self, name: str) -> list[dict[str, Any]]:
+        """The rows of a dataset, exactly the file the run was planned (and keyed) with."""
+        from forgeline.artifacts import sha256_file
+        from forgeline.spec import WorkflowError
+        from forgeline.spec._datasets import read_dataset
+
+        dataset = self.dataset(name)
+        # A file changed since planning would make the stage's results and lineage lie about its data.
+        if sha256_file(dataset.path) != dataset.sha256:
+            raise OperatorError(f"dataset {dataset.name!r} changed since the run was planned: {dataset.path}")
+        try:
+            return read_dataset(dataset.path, dataset.format, name=dataset.name)
+        except WorkflowError as e:
+            raise OperatorError(str(e)) from None
+
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         self.sink.log_metrics(metrics, step)
 

@@ -9,7 +9,6 @@ from 0 and skip blank lines, so ``name[i]`` is also the row's index in :func:`re
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from typing import Any
 
 from forgeline.spec._errors import Problem, WorkflowError, did_you_mean
 
-__all__ = ["DATASET_FORMATS", "file_sha256", "read_dataset", "validate_dataset"]
+__all__ = ["DATASET_FORMATS", "read_dataset", "validate_dataset"]
 
 DATASET_FORMATS = ("sft", "preference", "text")
 CHAT_ROLES = ("system", "user", "assistant")
@@ -310,12 +309,3 @@ def read_dataset(path: Path, fmt: str, *, name: str | None = None) -> list[dict[
     if problems:
         raise WorkflowError(problems)
     return rows
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of the file's bytes: the dataset identity recorded with every run that used it."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
