@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 from pathlib import Path
 from typing import Any
+
+from forgeline.artifacts import write_text_atomic
 
 __all__ = [
     "COMPLETE_MARKER",
@@ -67,10 +68,10 @@ def step_of(checkpoint: Path) -> int:
 
 
 def mark_complete(checkpoint: Path, info: dict[str, Any]) -> None:
-    """Mark a fully written checkpoint as resumable (atomically: temp file + rename)."""
-    tmp = checkpoint / f".{COMPLETE_MARKER}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps({"step": step_of(checkpoint), **info}, sort_keys=True))
-    os.replace(tmp, checkpoint / COMPLETE_MARKER)
+    """Mark a fully written checkpoint as resumable (atomically, fsynced: temp file + rename)."""
+    write_text_atomic(
+        checkpoint / COMPLETE_MARKER, json.dumps({"step": step_of(checkpoint), **info}, sort_keys=True)
+    )
 
 
 def _checkpoints(root: Path) -> list[Path]:

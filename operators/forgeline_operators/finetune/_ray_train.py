@@ -18,6 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from forgeline.artifacts import write_text_atomic
 from forgeline.runtime.context import OperatorError
 from forgeline_operators.finetune._job import TrainJob, TrainOutcome
 
@@ -56,10 +57,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
         sink = RunSink(Tracker(job.metrics.tracking_uri), job.metrics.run_id)
     outcome = train_entry(job, sink)
     if rank0:  # Ray Train V2 keeps reported metrics only with a checkpoint: hand them over as a file
-        path = Path(config["outcome_path"])
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(outcome)))
-        tmp.replace(path)
+        write_text_atomic(Path(config["outcome_path"]), json.dumps(asdict(outcome)))
 
 
 def _check_capacity(layout: DataParallel) -> None:
