@@ -13,13 +13,16 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from forgeline.spec import LoadedWorkflow, WorkflowError, load_workflow, schema_json
+
+if TYPE_CHECKING:
+    from forgeline.plan import Selection
 
 app = typer.Typer(
     name="forgeline",
@@ -38,6 +41,14 @@ Home = Annotated[
     typer.Option(
         "--home", help="State directory (default ./.forgeline or FORGELINE_HOME).", show_default=False
     ),
+]
+Only = Annotated[
+    list[str] | None,
+    typer.Option("--only", help="Run only this stage and what it needs (repeatable); nothing downstream."),
+]
+RerunFrom = Annotated[
+    list[str] | None,
+    typer.Option("--from", help="Rerun this stage and everything downstream even if cached (repeatable)."),
 ]
 
 
@@ -96,16 +107,19 @@ def plan(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     explain: Annotated[bool, typer.Option("--explain", help="Say why each stage would (not) run.")] = False,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Plan as if nothing were cached.")] = False,
+    only: Only = None,
+    rerun_from: RerunFrom = None,
     home: Home = None,
     verbose: Verbose = False,
 ) -> None:
     """Show the DAG, resources, memory/GPU-hour estimates, cache keys and what would run."""
-    from forgeline.plan import human_bytes, human_count
+    from forgeline.plan import Selection, human_bytes, human_count
     from forgeline.runtime import make_planner
 
     loaded = _load(file, verbose)
+    selection = Selection(tuple(only or ()), tuple(rerun_from or ()))
     try:
-        the_plan = make_planner(loaded, _home(home)).build(use_cache=not no_cache)
+        the_plan = make_planner(loaded, _home(home)).build(use_cache=not no_cache, selection=selection)
     except Exception as e:
         raise _fail(e, verbose) from None
     if as_json:
@@ -162,7 +176,9 @@ def _run(
     verbose: bool,
     resume_run_id: str | None = None,
     text: str | None = None,
+    selection: Selection | None = None,
 ) -> None:
+    from forgeline.plan import Selection
     from forgeline.runtime import RaySettings, RunSettings, StageFailed, run_workflow
     from forgeline.runtime._progress import Progress
 
@@ -170,8 +186,18 @@ def _run(
         loaded = load_workflow(file, text=text)
     except WorkflowError as e:
         raise _fail(e, verbose) from None
-    settings = RunSettings(home=_home(home), ray=RaySettings(address=ray_address), use_cache=not no_cache)
-    progress = Progress([s.name for s in loaded.workflow.stages], console=err)
+    selection = selection or Selection()
+    settings = RunSettings(
+        home=_home(home),
+        ray=RaySettings(address=ray_address),
+        use_cache=not no_cache,
+        selection=selection,
+    )
+    try:
+        shown = selection.selected(loaded.workflow)
+    except Exception as e:
+        raise _fail(e, verbose) from None
+    progress = Progress([s.name for s in loaded.workflow.stages if s.name in shown], console=err)
     try:
         with progress:
             summary = run_workflow(loaded, settings, progress=progress, resume_run_id=resume_run_id)
@@ -229,11 +255,16 @@ def run(
     file: Annotated[Path, typer.Argument(help="Workflow file.")],
     ray_address: RayAddress = None,
     no_cache: NoCache = False,
+    only: Only = None,
+    rerun_from: RerunFrom = None,
     home: Home = None,
     verbose: Verbose = False,
 ) -> None:
     """Run a workflow. Finished stages are reused (cache); a rerun continues where it stopped."""
-    _run(file, home, ray_address, no_cache, verbose)
+    from forgeline.plan import Selection
+
+    selection = Selection(tuple(only or ()), tuple(rerun_from or ()))
+    _run(file, home, ray_address, no_cache, verbose, selection=selection)
 
 
 @app.command()
@@ -258,7 +289,10 @@ def resume(
     if parent.info.status == "FINISHED":
         out.print(f"run {run_id} already FINISHED; nothing to resume")
         return
-    _run(path, home, ray_address, False, verbose, resume_run_id=run_id, text=text)
+    from forgeline.plan import Selection
+
+    selection = Selection.from_tags(parent.data.tags)
+    _run(path, home, ray_address, False, verbose, resume_run_id=run_id, text=text, selection=selection)
 
 
 @app.command()

@@ -135,3 +135,21 @@ def test_plan_problems_exit_1_after_the_plan(runner: CliRunner, tmp_path: Path) 
     # nvfp4 is a GPU-only option of the quantize operator: refused on a CPU workflow, located.
     assert f"{wf}:5:45: stages[0].format: format 'nvfp4' needs CUDA" in result.output
     assert "Traceback" not in result.output
+
+
+def test_plan_only_and_from_select_stages(runner: CliRunner, tmp_path: Path) -> None:
+    home = ["--home", str(tmp_path / "h")]
+    result = runner.invoke(
+        app, ["plan", str(QUICKSTART), "--json", "--only", "eval-tuned", "--from", "align", *home]
+    )
+    assert result.exit_code == 0, result.output
+    stages = {s["name"]: s for s in json.loads(result.output)["stages"]}
+    run = {n for n, s in stages.items() if s["status"] == "run"}
+    assert run == {"sft", "align", "eval-tuned"}
+    assert {n for n, s in stages.items() if s["forced"]} == {"align", "eval-tuned"}
+    assert stages["deploy"]["status"] == "skip" and stages["deploy"]["reasons"] == ["not selected (--only)"]
+
+    bad = runner.invoke(app, ["plan", str(QUICKSTART), "--from", "sfft", *home])
+    assert bad.exit_code == 1
+    assert "--from sfft: no stage of that name in workflow 'quickstart' (did you mean 'sft'?)" in bad.output
+    assert "Traceback" not in bad.output

@@ -138,11 +138,15 @@ def new_staging_dir(final: Path) -> Path:
     return staging
 
 
-def publish(staging: Path, final: Path, meta: dict[str, Any] | None = None) -> Manifest:
+def publish(
+    staging: Path, final: Path, meta: dict[str, Any] | None = None, *, replace: bool = False
+) -> Manifest:
     """Seal ``staging`` with a manifest and move it to ``final`` atomically.
 
     If ``final`` already holds a complete publication (a concurrent identical stage), that one wins
-    and ``staging`` is removed; one damaged since it was published is replaced.
+    and ``staging`` is removed -- unless ``replace`` (a rerun the user forced), when the old one is
+    renamed out of the way first, so a reader sees the old or the new publication, never a mix. One
+    damaged since it was published is always replaced.
     """
     table = file_table(staging)
     for rel in table:
@@ -162,12 +166,14 @@ def publish(staging: Path, final: Path, meta: dict[str, Any] | None = None) -> M
         existing = read_manifest(final)
         if existing is None:
             raise
-        if not verify(final):
+        if not verify(final) and not replace:
             shutil.rmtree(staging, ignore_errors=True)
             return existing
-        # The earlier publication was damaged since (a file lost or truncated): this one replaces it.
-        shutil.rmtree(final)
+        # Forced, or the earlier publication was damaged since (a file lost or truncated).
+        doomed = final.with_name(f".trash-{final.name}-{os.getpid()}-{time.time_ns()}")
+        os.rename(final, doomed)
         os.rename(staging, final)
+        shutil.rmtree(doomed, ignore_errors=True)
     _fsync_path(final.parent, directory=True)
     return manifest
 

@@ -82,8 +82,10 @@ class StageStore:
         values: dict[str, Any],
         metrics: dict[str, float],
         meta: dict[str, Any],
+        replace: bool = False,
     ) -> StageRecord:
-        """Seal ``staging`` (dir outputs are its top-level folders) and publish it under ``key``."""
+        """Seal ``staging`` (dir outputs are its top-level folders) and publish it under ``key``;
+        ``replace`` swaps out an intact earlier publication instead of keeping it."""
         from forgeline.artifacts._manifest import file_table
 
         table = file_table(staging)
@@ -93,7 +95,7 @@ class StageStore:
         for name, value in values.items():
             outputs[name] = {"type": "value", "value": value}
         full_meta = {**meta, "key": key, "outputs": outputs, "metrics": metrics}
-        manifest = publish(staging, self.path(key), full_meta)
+        manifest = publish(staging, self.path(key), full_meta, replace=replace)
         return _record(key, self.path(key), manifest)
 
     # ------------------------------------------------------------ explain index

@@ -4,6 +4,7 @@ keys and cache status, and the problems that must stop a run before any compute 
 from forgeline.plan._estimates import MemoryEstimate, ModelShape, human_bytes, human_count
 from forgeline.plan._keys import KeyInputs, stage_params
 from forgeline.plan._plan import Plan, Planner, StagePlan, build_plan, topological_order
+from forgeline.plan._select import Selection, SelectionError
 
 __all__ = [
     "KeyInputs",
@@ -11,6 +12,8 @@ __all__ = [
     "ModelShape",
     "Plan",
     "Planner",
+    "Selection",
+    "SelectionError",
     "StagePlan",
     "build_plan",
     "human_bytes",

@@ -24,6 +24,7 @@ from forgeline.plan._estimates import (
     training_flops,
 )
 from forgeline.plan._keys import KeyInputs, diff_components, stage_params
+from forgeline.plan._select import Selection
 from forgeline.registry import OperatorRegistry, OperatorSpec
 from forgeline.spec import (
     BASE_MODEL_REF,
@@ -58,6 +59,8 @@ class StagePlan:
     key_inputs: KeyInputs | None = None
     key: str | None = None
     cached: StageRecord | None = None
+    selected: bool = True  # False: left out by --only
+    forced: bool = False  # True: --from reruns it whatever its cache says
     reasons: list[str] = field(default_factory=list)  # why it would (not) run
     problems: list[Problem] = field(default_factory=list)  # block the run
     warnings: list[str] = field(default_factory=list)
@@ -74,6 +77,8 @@ class StagePlan:
 
     @property
     def status(self) -> str:
+        if not self.selected:
+            return "skip"
         if self.cached is not None:
             return "cached"
         return "run"
@@ -96,6 +101,7 @@ class StagePlan:
             "gpu_hours": self.gpu_hours,
             "key": self.key,
             "status": self.status,
+            "forced": self.forced,
             "reasons": self.reasons,
             "problems": [str(p) for p in self.problems],
             "warnings": self.warnings,
@@ -119,7 +125,8 @@ class Plan:
         raise KeyError(name)
 
     def problems(self) -> list[Problem]:
-        return [p for s in self.stages for p in s.problems]
+        """What blocks the run; stages left out by ``--only`` block nothing."""
+        return [p for s in self.stages if s.selected for p in s.problems]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -208,7 +215,11 @@ class Planner:
         return ki
 
     # -------------------------------------------------------------- plan
-    def build(self, use_cache: bool = True) -> Plan:
+    def build(self, use_cache: bool = True, selection: Selection | None = None) -> Plan:
+        selection = selection or Selection()
+        selection.check(self.workflow)
+        selected = selection.selected(self.workflow)
+        forced = selection.forced(self.workflow)
         order = topological_order(self.workflow)
         index = {s.name: i for i, s in enumerate(self.workflow.stages)}
         records: dict[str, StageRecord] = {}
@@ -218,6 +229,7 @@ class Planner:
             stage = self.workflow.stage(name)
             i = index[name]
             sp = self._stage_plan(stage, i)
+            sp.selected, sp.forced = name in selected, name in forced
             self._estimate(stage, sp)
             self._check(stage, sp, host_mem)
             ki = None
@@ -229,12 +241,22 @@ class Planner:
                 sp.key_inputs = ki
                 sp.key = ki.key()
                 rec = self.store.lookup(sp.key) if (use_cache and stage.cache) else None
-                if rec is not None:
+                if rec is not None and sp.forced:
+                    # Downstream keys still see this content; the run replaces it if it changes.
+                    records[name] = rec
+                    sp.reasons.append(f"--from: rerun although cached (key {sp.key[:12]})")
+                elif not sp.selected:
+                    if rec is not None:
+                        records[name] = rec
+                    sp.reasons.append("not selected (--only)")
+                elif rec is not None:
                     sp.cached = rec
                     records[name] = rec
                     sp.reasons.append(f"cached (key {sp.key[:12]})")
                 else:
                     sp.reasons.extend(self._why_run(stage, sp, ki, use_cache))
+            elif not sp.selected:
+                sp.reasons.append("not selected (--only)")
             else:
                 waiting = [d for d in sp.deps if d not in records]
                 sp.reasons.append(f"runs after {', '.join(waiting)} (their outputs are part of its key)")

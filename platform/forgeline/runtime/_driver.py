@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from forgeline.artifacts import ModelStore, StageRecord, StageStore, clean_staging, pid_alive
-from forgeline.plan import Plan, Planner, stage_params
+from forgeline.plan import Plan, Planner, Selection, stage_params
 from forgeline.registry import OperatorRegistry, default_registry
 from forgeline.runtime._mlflow_uris import attach_mlflow
 from forgeline.runtime._ray import RaySettings, ensure_ray
@@ -57,6 +57,7 @@ class RunSettings:
     use_cache: bool = True
     tracking_uri: str | None = None  # overrides the workflow's tracking.uri
     poll_s: float = 0.2
+    selection: Selection = field(default_factory=Selection)  # --only / --from; resume keeps the run's
 
 
 @dataclass
@@ -157,10 +158,15 @@ class Driver:
         self._running: dict[Any, tuple[str, float, StageTask]] = {}
         self._remote: Any = None  # the Ray task wrapper, created when the first stage must run
         self._started_ray = False
+        self.selection = settings.selection
+        self._forced: set[str] = set()
 
     # ------------------------------------------------------------------ main
     def run(self, resume_run_id: str | None = None) -> RunSummary:
-        plan = self.planner.build(use_cache=self.settings.use_cache)
+        if resume_run_id and self.selection.is_default:
+            # A resumed run keeps the --only / --from it was started with.
+            self.selection = Selection.from_tags(Tracker(self.tracking.uri).get_run(resume_run_id).data.tags)
+        plan = self.planner.build(use_cache=self.settings.use_cache, selection=self.selection)
         problems = plan.problems()
         if problems:
             raise WorkflowError(problems)
@@ -199,11 +205,15 @@ class Driver:
             TAG_STATE: "running",
         }
         children: dict[str, str] = {}
+        self._forced = {sp.name for sp in plan.stages if sp.forced}
         if resume_run_id:
             tracker.reopen_run(resume_run_id)
             tracker.set_tags(resume_run_id, driver_tags)
             for child in tracker.child_runs(experiment_id, resume_run_id):
-                children[child.data.tags.get(TAG_STAGE, "")] = child.info.run_id
+                name = child.data.tags.get(TAG_STAGE, "")
+                children[name] = child.info.run_id
+                if child.info.status == "FINISHED":
+                    self._forced.discard(name)  # rerun once by this run already: now its cache is fresh
             parent = resume_run_id
         else:
             parent = tracker.start_run(
@@ -215,12 +225,13 @@ class Driver:
                     TAG_WORKFLOW_FILE: str(self.loaded.path),
                     "mlflow.user": os.environ.get("FORGELINE_USER") or os.environ.get("USER") or "unknown",
                     **driver_tags,
+                    **({} if self.selection.is_default else self.selection.to_tags()),
                 },
             )
             tracker.log_text(parent, self.loaded.text, "workflow.yaml")
             tracker.log_json(parent, plan.to_json(), "plan.json")
         for order, sp in enumerate(plan.stages):
-            if sp.name in children:
+            if sp.name in children or not sp.selected:
                 continue
             run_id = tracker.start_run(
                 experiment_id,
@@ -250,7 +261,7 @@ class Driver:
         wf = self.loaded.workflow
         records: dict[str, StageRecord] = {}
         running = self._running
-        order = [sp.name for sp in plan.stages]
+        order = [sp.name for sp in plan.stages if sp.selected]
         failed = False
         while True:
             if not failed:
@@ -313,11 +324,13 @@ class Driver:
         op = sp.operator
         assert op is not None, "plan refuses to run a workflow with missing operators"
         base_tags = {
+            **({"forgeline.rerun": "--from"} if name in self._forced else {}),
             TAG_CACHE_KEY: key,
             TAG_OPERATOR_VERSION: op.version,
             **_lineage_inputs(self.planner, stage, records),
         }
-        hit = self.store.lookup(key) if (self.settings.use_cache and stage.cache) else None
+        use_cache = self.settings.use_cache and stage.cache and name not in self._forced
+        hit = self.store.lookup(key) if use_cache else None
         check = op.load_cache_check() if hit is not None else None
         stale = check(hit, self.settings.home, self.tracking.uri) if check and hit else None
         if stale:
@@ -351,6 +364,7 @@ class Driver:
             log_path=self.settings.home / "logs" / run_id / f"{name}.log",
             threads=max(1, int(sp.cpus)),
             registry=self.registry if self.explicit_registry else None,
+            replace=name in self._forced,
         )
         task_cpus, task_gpus = sp.task_resources
         options: dict[str, Any] = {"num_cpus": task_cpus, "max_retries": 0, "name": f"forgeline:{name}"}

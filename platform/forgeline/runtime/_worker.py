@@ -47,6 +47,7 @@ class StageTask:
     log_path: Path
     threads: int
     registry: OperatorRegistry | None = None  # None: the worker's default (entry points)
+    replace: bool = False  # --from: this result replaces a published one with the same key
 
 
 def _resolver(task: StageTask, models: ModelStore) -> tuple[Callable[[str], Path], Callable[[str], Any]]:
@@ -139,6 +140,7 @@ def execute(task: StageTask) -> dict[str, Any]:
                 "components": task.components,
                 "run_id": task.run_id,
             },
+            replace=task.replace,
         )
         logger.info("stage %s published %s in %.1fs", task.stage_name, record.path, time.time() - started)
         return {"ok": True, "record": record, "metrics": result.metrics, "seconds": time.time() - started}
