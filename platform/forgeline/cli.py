@@ -363,19 +363,18 @@ def gc(
 @app.command()
 def status(
     run_id: Annotated[str | None, typer.Argument(help="Workflow run id (default: the latest).")] = None,
+    watch: Annotated[
+        bool, typer.Option("--watch", "-w", help="Refresh every 2 s until the run ends (Ctrl-C leaves).")
+    ] = False,
     home: Home = None,
     verbose: Verbose = False,
 ) -> None:
-    """Stage table of a workflow run, read from MLflow."""
-    from forgeline.tracking import (
-        TAG_CACHE_KEY,
-        TAG_ERROR,
-        TAG_KIND,
-        TAG_STAGE,
-        TAG_STATE,
-        Tracker,
-        resolve_settings,
-    )
+    """Stage table of a workflow run, read from MLflow; running stages show their live metrics."""
+    import time
+
+    from rich.live import Live
+
+    from forgeline.tracking import Tracker, resolve_settings
 
     tracker = Tracker(resolve_settings(None, "", _home(home)).uri)
     try:
@@ -385,19 +384,44 @@ def status(
                 out.print("no runs yet")
                 return
             run_id = runs[0].info.run_id
-        parent = tracker.get_run(run_id)
-        children = tracker.child_runs(parent.info.experiment_id, run_id)
+        table, running = _status_table(tracker, run_id)
     except Exception as e:
         raise _fail(e, verbose) from None
+    if not watch or not running:
+        out.print(table)
+        return
+    try:
+        with Live(table, console=out, refresh_per_second=1) as live:
+            while running:
+                time.sleep(2.0)
+                table, running = _status_table(tracker, run_id)
+                live.update(table)
+    except KeyboardInterrupt:
+        pass
+
+
+def _status_table(tracker: Any, run_id: str) -> tuple[Table, bool]:
+    """The stage table and whether the workflow run is still RUNNING."""
+    import time
+
+    from forgeline.tracking import TAG_CACHE_KEY, TAG_ERROR, TAG_KIND, TAG_STAGE, TAG_STATE
+
+    parent = tracker.get_run(run_id)
+    children = tracker.child_runs(parent.info.experiment_id, run_id)
     table = Table(title=f"{parent.info.run_name} {run_id} [{parent.info.status}]")
     for col in ("stage", "kind", "state", "seconds", "key", "metrics / error"):
         table.add_column(col, overflow="fold")
+    now_ms = time.time() * 1000
     for c in children:
         tags, metrics = c.data.tags, c.data.metrics
         dur = ""
         if c.info.end_time and c.info.start_time:
             dur = f"{(c.info.end_time - c.info.start_time) / 1000:.1f}"
-        info = tags.get(TAG_ERROR) or ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())[:4])
+        elif c.info.status == "RUNNING" and c.info.start_time:
+            dur = f"{(now_ms - c.info.start_time) / 1000:.0f}…"  # still going
+        # Training stages log per step: show where they are first.
+        shown = sorted(metrics.items(), key=lambda kv: (kv[0] not in ("step", "epoch", "loss"), kv[0]))
+        info = tags.get(TAG_ERROR) or ", ".join(f"{k}={v:.4g}" for k, v in shown[:5])
         table.add_row(
             tags.get(TAG_STAGE, c.info.run_name),
             tags.get(TAG_KIND, ""),
@@ -406,7 +430,7 @@ def status(
             tags.get(TAG_CACHE_KEY, "")[:12],
             info,
         )
-    out.print(table)
+    return table, parent.info.status == "RUNNING"
 
 
 @app.command()

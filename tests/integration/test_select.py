@@ -7,9 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 import opkit
 from forgeline.artifacts._manifest import MANIFEST_NAME
+from forgeline.cli import app
 from forgeline.plan import Selection, SelectionError
 from forgeline.runtime import RunSettings, run_workflow
 from forgeline.spec import load_workflow
@@ -75,6 +77,10 @@ def test_only_runs_targets_and_their_needs(tmp_path: Path, home: Path, ray_sessi
     children = tracker.child_runs(parent.info.experiment_id, first.run_id)
     assert sorted(c.data.tags["forgeline.stage"] for c in children) == ["a", "b"]
     assert parent.data.tags["forgeline.select.only"] == "b"
+    # status --watch on a finished run prints the table once and returns.
+    shown = CliRunner().invoke(app, ["status", first.run_id, "--watch", "--home", str(home)])
+    assert shown.exit_code == 0, shown.output
+    assert "FINISHED" in shown.output and "perplexity=2" in shown.output
     # The rest of the workflow later reuses what --only produced.
     _run(wf, home)
     assert _calls(tmp_path) == ["c", "d2"]
