@@ -342,7 +342,7 @@ def gc(
     """
     from forgeline.artifacts import StageStore
     from forgeline.plan import human_bytes
-    from forgeline.tracking import Tracker, resolve_settings
+    from forgeline.tracking import TAG_URI, Tracker, resolve_settings
 
     h = _home(home)
     store = StageStore(h / "artifacts")
@@ -350,8 +350,9 @@ def gc(
     tracker = Tracker(resolve_settings(None, "", h).uri)
     prefix = store.stages_dir.resolve().as_uri() + "/"
     for mv in tracker.client.search_model_versions(max_results=10000):
-        if str(mv.source).startswith(prefix):
-            protected.add(str(mv.source)[len(prefix) :].split("/", 1)[0])
+        uri = str((mv.tags or {}).get(TAG_URI) or mv.source)  # a tracking server's versions point by tag
+        if uri.startswith(prefix):
+            protected.add(uri[len(prefix) :].split("/", 1)[0])
     removed = store.collect(protected, keep_days * 86400, dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"
     for key, size in removed:

@@ -41,19 +41,17 @@ def attach_mlflow(models: ModelStore, tracking_uri: str) -> ModelStore:
 
     def materialize(parsed: ParsedUri) -> Path:
         mv = _version(tracker(), parsed)
-        src = urlparse(mv.source)
+        src = urlparse(mv.uri)
         if src.scheme in ("", "file"):
             path = Path(src.path)
             if not path.is_dir():
-                raise UriError(
-                    f"mlflow://{parsed.target}: version {mv.version} source {mv.source} is missing"
-                )
+                raise UriError(f"mlflow://{parsed.target}: version {mv.version} source {mv.uri} is missing")
             return path
-        return models.materialize(mv.source)
+        return models.materialize(mv.uri)
 
     def fingerprint(parsed: ParsedUri) -> str:
         mv = _version(tracker(), parsed)
-        return f"mlflow:{mv.name}/{mv.version}:{mv.tags.get('forgeline.sha256', mv.source)}"
+        return f"mlflow:{mv.name}/{mv.version}:{mv.tags.get('forgeline.sha256', mv.uri)}"
 
     models.extra["mlflow"] = materialize
     models.extra_fingerprint["mlflow"] = fingerprint

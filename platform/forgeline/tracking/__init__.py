@@ -3,7 +3,13 @@ metrics, lineage tags, and registered model versions with aliases. A leaf packag
 other forgeline layer, and nothing else in forgeline talks to MLflow directly.
 """
 
-from forgeline.tracking._registry import RegisteredVersion, get_version, register_version, version_by_alias
+from forgeline.tracking._registry import (
+    TAG_URI,
+    RegisteredVersion,
+    get_version,
+    register_version,
+    version_by_alias,
+)
 from forgeline.tracking._runs import (
     PARENT_TAG,
     TAG_CACHE_KEY,
@@ -38,6 +44,7 @@ __all__ = [
     "TAG_ROLE",
     "TAG_STAGE",
     "TAG_STATE",
+    "TAG_URI",
     "TAG_WORKFLOW",
     "TAG_WORKFLOW_FILE",
     "RegisteredVersion",

@@ -1,10 +1,19 @@
-"""The MLflow model registry: versions registered by reference, aliases, lineage tags."""
+"""The MLflow model registry: versions registered by reference, aliases, lineage tags.
+
+A version's weights never travel through the tracking server: its ``forgeline.uri`` tag names where
+they are (and ``forgeline.sha256`` what they are). On a local store the version's ``source`` is that
+directory too. A tracking server refuses a local path as a source (it would mean nothing to its other
+clients), so there the version's source is a tiny pointer artifact of the registering run
+(``forgeline-ref/ref.json``) and consumers read ``forgeline.uri`` -- on a cluster, shared storage mounted
+at the same path everywhere, or an object-store URI.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlparse
 
 from mlflow.exceptions import MlflowException
 
@@ -19,6 +28,18 @@ class RegisteredVersion:
     run_id: str | None
     aliases: tuple[str, ...]
     tags: dict[str, str]
+
+    @property
+    def uri(self) -> str:
+        """Where the weights are (the pointer's target when the source is a pointer artifact)."""
+        return self.tags.get(TAG_URI) or self.source
+
+
+TAG_URI = "forgeline.uri"
+
+
+def _remote(tracking_uri: str) -> bool:
+    return urlparse(tracking_uri).scheme in ("http", "https", "databricks")
 
 
 def register_version(
@@ -39,8 +60,17 @@ def register_version(
             client.create_registered_model(name)
         except MlflowException:
             client.get_registered_model(name)  # created concurrently: fine if it exists now
+    all_tags = {**tags, TAG_URI: source}
+    registered_source = source
+    if _remote(tracker.uri) and urlparse(source).scheme in ("", "file"):
+        if not run_id:
+            raise ValueError(f"registering local {source} on tracking server {tracker.uri} needs a run id")
+        client.log_dict(
+            run_id, {"uri": source, "sha256": tags.get("forgeline.sha256", "")}, "forgeline-ref/ref.json"
+        )
+        registered_source = f"runs:/{run_id}/forgeline-ref"
     mv = client.create_model_version(
-        name=name, source=source, run_id=run_id, tags=dict(tags), description=description
+        name=name, source=registered_source, run_id=run_id, tags=all_tags, description=description
     )
     if alias:
         client.set_registered_model_alias(name, alias, mv.version)

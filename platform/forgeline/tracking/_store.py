@@ -26,6 +26,11 @@ class TrackingSettings:
     def is_sqlite(self) -> bool:
         return self.uri.startswith("sqlite:")
 
+    @property
+    def is_local(self) -> bool:
+        """A store on this machine's disk (SQLite or a file store), not a tracking server."""
+        return self.is_sqlite or self.uri.startswith(("file:", "/"))
+
     def sqlite_path(self) -> Path | None:
         if not self.is_sqlite:
             return None
@@ -51,15 +56,19 @@ def prepare(settings: TrackingSettings) -> str:
     db = settings.sqlite_path()
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
-    settings.artifact_root.mkdir(parents=True, exist_ok=True)
     client = MlflowClient(tracking_uri=settings.uri, registry_uri=settings.uri)
     exp = client.get_experiment_by_name(settings.experiment)
     if exp is not None:
         return str(exp.experiment_id)
+    # A local store keeps run artifacts under the home; a tracking server decides itself (its
+    # --default-artifact-root / --artifacts-destination), since a path on this machine would mean
+    # nothing to the server's other clients.
+    location = None
+    if settings.is_local:
+        settings.artifact_root.mkdir(parents=True, exist_ok=True)
+        location = settings.artifact_root.as_uri()
     try:
-        return str(
-            client.create_experiment(settings.experiment, artifact_location=settings.artifact_root.as_uri())
-        )
+        return str(client.create_experiment(settings.experiment, artifact_location=location))
     except Exception:
         # Another driver created it between our read and write.
         exp = client.get_experiment_by_name(settings.experiment)
