@@ -2,7 +2,8 @@
 
 Schemes: a local path or ``file://``; ``builtin://NAME`` (a registered ``ModelSource``, written into
 the store once per fingerprint); ``hf://ORG/NAME[@REVISION]`` (``huggingface_hub.snapshot_download``);
-``s3://BUCKET/PREFIX`` (boto3). ``mlflow://`` is resolved by the runtime, which owns tracking, through
+``s3://BUCKET/PREFIX`` (boto3; fingerprinted by a digest of the object listing, so a changed object
+changes the cache keys without a download). ``mlflow://`` is resolved by the runtime, which owns tracking, through
 the ``extra`` resolvers hook. Remote downloads land in the store's ``models/`` cache, published
 atomically, so a second use is a directory lookup.
 """
@@ -12,9 +13,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 from forgeline.artifacts._manifest import (
@@ -89,6 +92,8 @@ class ModelStore:
         if parsed.scheme == "hf":
             # Unpinned revisions move; the plan reports that the cache cannot see such changes.
             return f"hf:{parsed.target}@{parsed.revision or 'main'}"
+        if parsed.scheme == "s3":
+            return f"s3:{parsed.target}:{self._s3_listing(parsed)[0]}"
         return f"{parsed.scheme}:{parsed.target}"
 
     def materialize(self, uri: str, base_dir: Path | None = None) -> Path:
@@ -160,29 +165,60 @@ class ModelStore:
         publish(staging, final, {"uri": f"hf://{parsed.target}", "revision": parsed.revision})
         return final
 
-    def _s3(self, parsed: ParsedUri) -> Path:
+    def _s3_listing(self, parsed: ParsedUri) -> tuple[str, list[tuple[str, str, int]]]:
+        """(content digest, [(relative path, key, size)]) of the objects under an s3:// prefix.
+
+        The digest hashes every object's key, size and ETag, so a changed object changes the model's
+        fingerprint (and the cache keys of the stages using it) without downloading anything. The
+        endpoint, region and credentials come from boto3's usual sources (``AWS_ENDPOINT_URL`` for an
+        S3-compatible store such as MinIO).
+        """
+        bucket, _, prefix = parsed.target.partition("/")
+        objects: list[tuple[str, str, int]] = []
+        h = hashlib.sha256()
+        try:
+            paginator = self._s3_client().get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+                for obj in page.get("Contents", []):
+                    key = obj["Key"]
+                    rel = key[len(prefix) :].lstrip("/") if prefix else key
+                    if not rel or rel.endswith("/") or rel == MANIFEST_NAME:
+                        continue
+                    objects.append((rel, key, int(obj["Size"])))
+                    h.update(f"{rel}\0{obj['Size']}\0{obj.get('ETag', '')}\n".encode())
+        except Exception as e:  # botocore: no credentials, no such bucket, endpoint unreachable
+            raise UriError(f"cannot list s3://{parsed.target}: {e}") from e
+        if not objects:
+            raise UriError(f"s3://{parsed.target}: no objects under that prefix")
+        return h.hexdigest(), objects
+
+    @staticmethod
+    def _s3_client() -> Any:
         import boto3
 
-        bucket, _, prefix = parsed.target.partition("/")
-        safe = parsed.target.replace("/", "--")
-        final = self.models_dir / f"s3-{safe}"
+        return boto3.client("s3")
+
+    def _s3(self, parsed: ParsedUri) -> Path:
+        digest, objects = self._s3_listing(parsed)
+        bucket = parsed.target.partition("/")[0]
+        safe = parsed.target.strip("/").replace("/", "--")
+        final = self.models_dir / f"s3-{safe}-{digest[:16]}"
         if read_manifest(final) is not None:
             return final
         staging = new_staging_dir(final)
-        client = boto3.client("s3")
-        paginator = client.get_paginator("list_objects_v2")
-        count = 0
-        for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
-            for obj in page.get("Contents", []):
-                key = obj["Key"]
-                rel = key[len(prefix) :].lstrip("/") if prefix else key
-                if not rel or rel.endswith("/") or rel == MANIFEST_NAME:
-                    continue
+        client = self._s3_client()
+        try:
+            for rel, key, size in objects:
                 dest = staging / rel
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 client.download_file(bucket, key, str(dest))
-                count += 1
-        if count == 0:
-            raise UriError(f"s3://{parsed.target}: no objects under that prefix")
-        publish(staging, final, {"uri": f"s3://{parsed.target}"})
+                if dest.stat().st_size != size:
+                    raise UriError(f"s3://{bucket}/{key}: got {dest.stat().st_size} bytes, listed {size}")
+        except UriError:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        except Exception as e:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise UriError(f"cannot download s3://{parsed.target}: {e}") from e
+        publish(staging, final, {"uri": f"s3://{parsed.target}", "listing_sha256": digest})
         return final
