@@ -362,6 +362,14 @@ def test_declared_parameters_beat_a_guess_from_the_name(env: Env) -> None:
     assert env.plan(body, base="hf://org/chat-model").stage("tune").shape is None
 
 
+def test_unpinned_hub_models_are_flagged(env: Env) -> None:
+    body = "stages:\n  - {name: tune, kind: finetune, method: lora, dataset: sft}\n"
+    unpinned = env.plan(body, base="hf://meta-llama/Llama-3.1-8B").stage("tune").warnings
+    assert any("hf://meta-llama/Llama-3.1-8B is not pinned" in w and "@REVISION" in w for w in unpinned)
+    pinned = env.plan(body, base="hf://meta-llama/Llama-3.1-8B@0e9e39f2").stage("tune").warnings
+    assert not any("not pinned" in w for w in pinned)
+
+
 def test_stage_outputs_inherit_the_shape_of_their_input(env: Env) -> None:
     plan = env.plan(
         """

@@ -230,6 +230,7 @@ class Planner:
             i = index[name]
             sp = self._stage_plan(stage, i)
             sp.selected, sp.forced = name in selected, name in forced
+            sp.warnings.extend(self._unpinned(stage))
             self._estimate(stage, sp)
             self._check(stage, sp, host_mem)
             ki = None
@@ -343,6 +344,19 @@ class Planner:
         if parsed.scheme == "local":
             return shape_from_dir(Path(parsed.target))
         return shape_from_name(parsed.target)
+
+    def _unpinned(self, stage: StageBase) -> list[str]:
+        """hf:// models without @REVISION: new commits on the branch are invisible to the cache."""
+        warnings = []
+        for ref in stage.refs().values():
+            parsed = parse_ref(ref)
+            uri = ref if parsed is None else self.workflow.model.base if parsed[0] == "model" else None
+            if uri and uri.startswith("hf://") and "@" not in uri:
+                warnings.append(
+                    f"{uri} is not pinned: the cache cannot see new commits on its branch; "
+                    f"use {uri}@REVISION for reproducible runs"
+                )
+        return warnings
 
     def _estimate(self, stage: StageBase, sp: StagePlan) -> None:
         refs = stage.refs()
