@@ -156,6 +156,9 @@ def plan(
                 "[red]blocked[/]" if sp.problems else sp.status,
             )
         out.print(table)
+        for sp in the_plan.stages:
+            for line in sp.launch:
+                out.print(f"[bold]{sp.name}[/]: {line}", highlight=False)
         if explain:
             for sp in the_plan.stages:
                 out.print(f"[bold]{sp.name}[/]: {'; '.join(sp.reasons)}", highlight=False)
@@ -432,6 +435,68 @@ def _status_table(tracker: Any, run_id: str) -> tuple[Table, bool]:
             info,
         )
     return table, parent.info.status == "RUNNING"
+
+
+@app.command()
+def logs(
+    stage: Annotated[str, typer.Argument(help="Stage name.")],
+    run_id: Annotated[
+        str | None, typer.Option("--run", help="Workflow run id (default: the latest).")
+    ] = None,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing until the stage ends.")
+    ] = False,
+    tail: Annotated[int | None, typer.Option("--tail", help="Only the last N lines.")] = None,
+    home: Home = None,
+    verbose: Verbose = False,
+) -> None:
+    """A stage's log (its stdout and logging), from this machine or from the run's MLflow artifacts."""
+    import time
+
+    from forgeline.spec import did_you_mean
+    from forgeline.tracking import TAG_STAGE, Tracker, resolve_settings
+
+    h = _home(home)
+    tracker = Tracker(resolve_settings(None, "", h).uri)
+    try:
+        if run_id is None:
+            latest = tracker.workflow_runs(tracker.experiment_ids(), max_results=1)
+            if not latest:
+                raise RuntimeError("no runs yet")
+            run_id = latest[0].info.run_id
+        parent = tracker.get_run(run_id)
+        children = {
+            c.data.tags.get(TAG_STAGE, ""): c for c in tracker.child_runs(parent.info.experiment_id, run_id)
+        }
+        if stage not in children:
+            hint = did_you_mean(stage, children) or f"stages: {', '.join(sorted(children))}"
+            raise RuntimeError(f"run {run_id} has no stage {stage!r} ({hint})")
+    except Exception as e:
+        raise _fail(e, verbose) from None
+    child = children[stage]
+    path = h / "logs" / child.info.run_id / f"{stage}.log"
+    if not path.exists():
+        try:
+            path = Path(tracker.client.download_artifacts(child.info.run_id, f"logs/{stage}.log"))
+        except Exception:
+            state = child.data.tags.get("forgeline.state", child.info.status.lower())
+            why = "it was cached, so it did not run in this run" if state == "cached" else f"state {state}"
+            raise _fail(
+                RuntimeError(f"no log for stage {stage!r} of run {run_id} ({why})"), verbose
+            ) from None
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.readlines()
+        sys.stdout.write("".join(lines[-tail:] if tail else lines))
+        sys.stdout.flush()
+        while follow and tracker.get_run(child.info.run_id).info.status in ("RUNNING", "SCHEDULED"):
+            chunk = f.read()
+            if chunk:
+                sys.stdout.write(chunk)
+                sys.stdout.flush()
+            else:
+                time.sleep(0.5)
+        if follow:
+            sys.stdout.write(f.read())
 
 
 @app.command()

@@ -1,5 +1,6 @@
-"""``--only`` and ``--from`` on real Ray and MLflow: what runs, what is cached, what is replaced, and
-that ``resume`` keeps the selection. Operators are the recording ones of ``tests/opkit.py``."""
+"""Run-level CLI features on real Ray and MLflow: ``--only`` / ``--from`` (what runs, what is cached,
+what is replaced, what ``resume`` reads back), ``status --watch`` and ``logs``. Operators are the
+recording ones of ``tests/opkit.py``."""
 
 from __future__ import annotations
 
@@ -81,6 +82,12 @@ def test_only_runs_targets_and_their_needs(tmp_path: Path, home: Path, ray_sessi
     shown = CliRunner().invoke(app, ["status", first.run_id, "--watch", "--home", str(home)])
     assert shown.exit_code == 0, shown.output
     assert "FINISHED" in shown.output and "perplexity=2" in shown.output
+    # logs: a stage that ran has its log; a typo gets a suggestion; c never ran in this run.
+    logged = CliRunner().invoke(app, ["logs", "b", "--run", first.run_id, "--home", str(home)])
+    assert logged.exit_code == 0, logged.output
+    assert "stage b published" in logged.output
+    typo = CliRunner().invoke(app, ["logs", "bb", "--run", first.run_id, "--home", str(home)])
+    assert typo.exit_code == 1 and "has no stage 'bb' (did you mean 'b'?)" in typo.output
     # The rest of the workflow later reuses what --only produced.
     _run(wf, home)
     assert _calls(tmp_path) == ["c", "d2"]
