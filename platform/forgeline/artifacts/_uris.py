@@ -3,9 +3,9 @@
 Schemes: a local path or ``file://``; ``builtin://NAME`` (a registered ``ModelSource``, written into
 the store once per fingerprint); ``hf://ORG/NAME[@REVISION]`` (``huggingface_hub.snapshot_download``);
 ``s3://BUCKET/PREFIX`` (boto3; fingerprinted by a digest of the object listing, so a changed object
-changes the cache keys without a download). ``mlflow://`` is resolved by the runtime, which owns tracking, through
-the ``extra`` resolvers hook. Remote downloads land in the store's ``models/`` cache, published
-atomically, so a second use is a directory lookup.
+changes the cache keys without a download). ``mlflow://`` is resolved by the runtime, which owns
+tracking, through the ``extra`` resolvers hook. Remote downloads land in the store's ``models/``
+cache, published atomically, so a second use is a directory lookup.
 """
 
 from __future__ import annotations
