@@ -1,0 +1,81 @@
+"""Deterministic global batches cut into each data-parallel rank's micro-batches.
+
+The features are the hf backend's (:func:`forgeline_operators.finetune.sft.features`: ``input_ids``
+and completion-only ``labels`` from :mod:`forgeline_operators.data`). Step ``s`` takes rows
+``s*G .. s*G+G-1`` of an endless stream of seeded per-epoch permutations (``G`` = micro batch x
+grad accum x dp), so any layout with the same ``G`` sees the same global batch -- what makes TP/PP/DP
+runs comparable step for step. Every micro-batch is padded to one fixed length (pipeline stages
+exchange fixed-shape activations); labels are shifted here because megatron's loss is not.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from collections.abc import Sequence
+
+import torch
+
+from forgeline_operators.data import IGNORE_INDEX
+from forgeline_operators.finetune._job import Feature
+
+__all__ = ["batch_tensors", "global_rows", "micro_batches", "seq_len"]
+
+
+def seq_len(features: Sequence[Feature]) -> int:
+    return max(len(f["input_ids"]) for f in features)
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(n_rows: int, seed: int, epoch: int) -> tuple[int, ...]:
+    order = list(range(n_rows))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return tuple(order)
+
+
+def global_rows(n_rows: int, step: int, global_batch: int, seed: int) -> list[int]:
+    """Row indices of step ``step``'s global batch."""
+    out: list[int] = []
+    for i in range(step * global_batch, (step + 1) * global_batch):
+        epoch, pos = divmod(i, n_rows)
+        out.append(_epoch_order(n_rows, seed, epoch)[pos])
+    return out
+
+
+def batch_tensors(rows: Sequence[Feature], length: int, pad_id: int) -> dict[str, torch.Tensor]:
+    tokens = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+    for i, f in enumerate(rows):
+        ids, lab = f["input_ids"][:length], f["labels"][:length]
+        tokens[i, : len(ids)] = torch.tensor(ids)
+        # position t predicts token t+1 (megatron does not shift; HF does it inside the loss)
+        labels[i, : len(lab) - 1] = torch.tensor(lab[1:])
+    mask = labels != IGNORE_INDEX
+    return {
+        "tokens": tokens,
+        "labels": labels.masked_fill(~mask, 0),
+        "loss_mask": mask.float(),
+        "position_ids": torch.arange(length).unsqueeze(0).expand(len(rows), -1).contiguous(),
+    }
+
+
+def micro_batches(
+    features: Sequence[Feature],
+    step: int,
+    *,
+    micro_batch_size: int,
+    grad_accum: int,
+    dp: int,
+    dp_rank: int,
+    seed: int,
+    length: int,
+    pad_id: int,
+) -> list[dict[str, torch.Tensor]]:
+    """This data-parallel rank's ``grad_accum`` micro-batches of step ``step``."""
+    per_rank = micro_batch_size * grad_accum
+    rows = global_rows(len(features), step, per_rank * dp, seed)
+    mine = rows[dp_rank * per_rank : (dp_rank + 1) * per_rank]
+    return [
+        batch_tensors([features[i] for i in mine[k : k + micro_batch_size]], length, pad_id)
+        for k in range(0, per_rank, micro_batch_size)
+    ]

@@ -1,0 +1,275 @@
+"""``run(ctx)`` of the finetune stage, backend ``megatron``: megatron-core TP x PP x DP on Ray Train.
+
+The stage's task prepares everything as the hf backend does (the same row validation, tokenisation,
+train/eval split and step schedule: its functions are reused), then runs :func:`.loop.run` on
+``tp * pp * dp`` Ray Train workers (gloo on CPU, NCCL on GPU; megatron's parallel groups over Ray
+Train's process group), or in its own process for a world of one. Resumable ``dist_checkpointing``
+checkpoints live in the stage's durable checkpoint directory (a rerun after a crash resumes from the
+newest complete one, at any layout); the published outputs are HF only: ``merged`` (+ ``adapter`` in
+PEFT layout for LoRA). Methods: ``sft``, ``lora``, ``dpo`` (sigmoid; full or LoRA); ``qlora`` is refused
+with the fix (bitsandbytes 4-bit is the hf backend's). Training is fp32 on every device for now
+(``training.precision`` is not applied). Untested here (no GPU): the NCCL/CUDA path of
+``resources.device: gpu`` -- the same code with the CPU compatibility layer inactive.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from forgeline.artifacts import write_text_atomic
+from forgeline.runtime.context import OperatorError, StageContext, StageResult
+from forgeline.spec import FinetuneStage
+from forgeline_operators.finetune._checkpoints import discard_incomplete, durable_dir, latest_complete
+from forgeline_operators.finetune._job import MetricsTarget, TrainOutcome
+
+__all__ = ["MegatronJob", "run"]
+
+
+@dataclass(frozen=True)
+class MegatronJob:
+    """What every rank receives (picklable; nothing imports megatron until a worker runs it)."""
+
+    run: Any  # loop.Run
+    dp: int
+    threads: int
+    metrics: MetricsTarget
+    outcome_path: Path
+
+    @property
+    def world_size(self) -> int:
+        return self.run.settings.tp * self.run.settings.pp * self.dp
+
+
+def _check(ctx: StageContext, stage: FinetuneStage) -> None:
+    if stage.backend != "megatron":
+        raise OperatorError(f"this operator runs backend 'megatron', not {stage.backend!r}")
+    if stage.method == "qlora":
+        raise OperatorError(
+            "method qlora (4-bit bitsandbytes base) runs on backend hf only; use method: lora"
+        )
+    if stage.method == "dpo" and stage.dpo is not None and stage.dpo.loss != "sigmoid":
+        raise OperatorError(
+            f"dpo.loss {stage.dpo.loss!r}: backend megatron implements only sigmoid; use backend hf"
+        )
+    if str(ctx.workflow.resources.device) == "gpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise OperatorError("resources.device is gpu but CUDA is not available to this stage")
+    elif stage.training.precision != "fp32":
+        ctx.logger.warning("precision %s is for GPUs; training in fp32 on CPU", stage.training.precision)
+
+
+def _job(ctx: StageContext, stage: FinetuneStage) -> MegatronJob:
+    from forgeline_operators.data import pad_token_id
+    from forgeline_operators.finetune._train import load_tokenizer
+    from forgeline_operators.finetune.megatron import engine, loop
+    from forgeline_operators.finetune.megatron.model import check_layout, shape_from_hf
+    from forgeline_operators.finetune.operator import _features, schedule
+
+    base_dir = ctx.input_path(stage.base)
+    if (base_dir / "adapter_config.json").is_file():
+        raise OperatorError(
+            f"backend megatron imports a full HF checkpoint, but {stage.base} is an adapter; use merged"
+        )
+    shape = shape_from_hf(json.loads((base_dir / "config.json").read_text()))
+    par = stage.parallelism
+    check_layout(shape, par.tp, par.pp)
+    tokenizer = load_tokenizer(base_dir)
+    feats = _features(ctx, stage, tokenizer)
+    t = stage.training
+    sched = schedule(stage, len(feats.train))
+    settings = engine.Settings(
+        tp=par.tp,
+        pp=par.pp,
+        lr=t.lr,
+        total_steps=sched.total_steps,
+        micro_batch_size=t.micro_batch_size,
+        grad_accum=t.grad_accum,
+        seed=t.seed,
+        warmup_steps=int(t.warmup_ratio * sched.total_steps),
+        lr_scheduler=t.lr_scheduler,
+        weight_decay=t.weight_decay,
+        lora=(stage.lora or _default_lora()) if stage.uses_adapter else None,
+    )
+    datasets = {n: ctx.dataset(n).sha256 for n in filter(None, (stage.dataset, stage.eval_dataset))}
+    identity = {"stage": stage.model_dump(mode="json"), "base": str(base_dir), **datasets}
+    root = durable_dir(ctx.output_dir, identity)
+    root.mkdir(parents=True, exist_ok=True)
+    removed = discard_incomplete(root)
+    if removed:
+        ctx.logger.warning("discarded incomplete checkpoints %s", ", ".join(removed))
+    r = loop.Run(
+        settings=settings,
+        shape=shape,
+        hf_dir=base_dir,
+        train=feats.train,
+        eval=feats.eval,
+        pad_id=pad_token_id(tokenizer),
+        steps=sched.total_steps,
+        checkpoint_root=root,
+        save_every=sched.save_steps,
+        resume_from=latest_complete(root),
+        export_dir=ctx.output_dir,
+        checkpoint_info={"method": stage.method},
+        dpo_beta=(stage.dpo.beta if stage.dpo else 0.1) if stage.method == "dpo" else None,
+        reference_dir=ctx.input_path(stage.dpo.reference) if stage.dpo and stage.dpo.reference else None,
+    )
+    threads = max(1, int(_cpus_per_worker(ctx, stage))) if par.world_size > 1 else ctx.threads
+    return MegatronJob(
+        r, par.dp, threads, MetricsTarget(ctx.tracking_uri, ctx.run_id), ctx.work_dir / "outcome.json"
+    )
+
+
+def _default_lora() -> Any:
+    from forgeline.spec._models import LoraSpec
+
+    return LoraSpec()
+
+
+def _cpus_per_worker(ctx: StageContext, stage: FinetuneStage) -> float:
+    if stage.resources and stage.resources.cpus:
+        return float(stage.resources.cpus)
+    return float(ctx.workflow.resources.cpus_per_stage)
+
+
+def worker(job: MegatronJob) -> None:
+    """One rank: megatron groups over the existing process group, train, rank 0 writes the outcome."""
+    import torch
+
+    from forgeline_operators.finetune.megatron import loop
+    from forgeline_operators.finetune.megatron.engine import init_parallel
+
+    os.environ["OMP_NUM_THREADS"] = str(job.threads)
+    torch.set_num_threads(job.threads)
+    s = job.run.settings
+    init_parallel(s.tp, s.pp, s.seed)
+    rank0 = torch.distributed.get_rank() == 0
+    sink = None
+    if rank0 and job.metrics.tracking_uri and job.metrics.run_id:
+        from forgeline.tracking import RunSink, Tracker
+
+        run_sink = RunSink(Tracker(job.metrics.tracking_uri), job.metrics.run_id)
+        sink = run_sink.log_metrics
+    result = loop.run(job.run, sink)
+    if rank0:
+        outcome = _outcome(result)
+        write_text_atomic(job.outcome_path, json.dumps(asdict(outcome)))
+
+
+def _outcome(result: Any) -> TrainOutcome:
+    h = result.history
+    metrics: dict[str, float] = {"steps": float(h[-1]["step"]) if h else float(result.resumed_from_step)}
+    if h:
+        metrics.update(
+            first_loss=h[0]["loss"],
+            final_loss=h[-1]["loss"],
+            train_loss=sum(x["loss"] for x in h) / len(h),
+            grad_norm=h[-1]["grad_norm"],
+            tokens_per_second=sum(x["tokens_per_second"] for x in h) / len(h),
+        )
+    if result.eval_loss is not None:
+        metrics["eval_loss"] = result.eval_loss
+    headline = metrics.get("eval_loss", metrics.get("final_loss"))
+    if headline is not None:
+        metrics["loss"] = headline
+    metrics["peak_rss_bytes"] = float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return TrainOutcome(
+        metrics=metrics, resumed_from_step=result.resumed_from_step, outputs=result.outputs, history=h
+    )
+
+
+def _in_process(job: MegatronJob) -> None:
+    import torch
+
+    from forgeline_operators.finetune.megatron.launch import free_port
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        worker(job)
+    finally:
+        from megatron.core import parallel_state
+
+        parallel_state.destroy_model_parallel()
+        torch.distributed.destroy_process_group()
+
+
+def _ray_loop(config: dict[str, Any]) -> None:
+    worker(config["job"])
+
+
+def _on_ray_train(ctx: StageContext, stage: FinetuneStage, job: MegatronJob) -> None:
+    from ray.train.torch import TorchConfig
+    from ray.train.v2.api.config import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.v2.torch.torch_trainer import TorchTrainer
+
+    from forgeline_operators.finetune._ray_train import (
+        _START_TIMEOUT_ENV,
+        DataParallel,
+        _check_capacity,
+        _readable,
+    )
+    from forgeline_operators.finetune.operator import PLACEMENT_TIMEOUT_S
+
+    gpu = str(ctx.workflow.resources.device) == "gpu"
+    layout = DataParallel(job.world_size, _cpus_per_worker(ctx, stage), gpu, PLACEMENT_TIMEOUT_S)
+    _check_capacity(layout)
+    os.environ[_START_TIMEOUT_ENV] = f"{layout.start_timeout_s:g}"
+    storage = ctx.work_dir / "ray-train"
+    storage.mkdir(parents=True, exist_ok=True)
+    trainer = TorchTrainer(
+        _ray_loop,
+        train_loop_config={"job": job},
+        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=layout.workers,
+            use_gpu=gpu,
+            resources_per_worker=layout.resources_per_worker(),
+            placement_strategy="STRICT_PACK",
+        ),
+        run_config=RunConfig(
+            name=f"forgeline-{stage.name}-{uuid.uuid4().hex[:12]}",
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=0, controller_failure_limit=0),
+        ),
+    )
+    try:
+        trainer.fit()
+    except Exception as e:
+        raise _readable(e, layout) from e
+
+
+def run(ctx: StageContext) -> StageResult:
+    stage = ctx.stage
+    assert isinstance(stage, FinetuneStage)
+    _check(ctx, stage)
+    job = _job(ctx, stage)
+    r = job.run
+    ctx.log_params(
+        {
+            "train_rows": len(r.train),
+            "eval_rows": len(r.eval),
+            "total_steps": r.steps,
+            "save_steps": r.save_every,
+            "world_size": job.world_size,
+            "global_batch": r.settings.micro_batch_size * r.settings.grad_accum * job.dp,
+        }
+    )
+    if job.world_size == 1:
+        _in_process(job)
+    else:
+        _on_ray_train(ctx, stage, job)
+    outcome = TrainOutcome(**json.loads(job.outcome_path.read_text()))
+    if r.checkpoint_root is not None:
+        shutil.rmtree(r.checkpoint_root, ignore_errors=True)  # outputs are HF; megatron shards are not kept
+    metrics = {**outcome.metrics, "resumed_from_step": float(outcome.resumed_from_step)}
+    ctx.log_metrics({k: v for k, v in metrics.items() if k != "loss"}, step=int(metrics["steps"]))
+    return StageResult(outputs={name: ctx.output_dir / name for name in outcome.outputs}, metrics=metrics)
