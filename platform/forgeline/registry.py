@@ -57,12 +57,19 @@ class OperatorSpec:
     # "module:function" called as ``check(record, home, tracking_uri) -> str | None`` on a cache
     # hit; a returned reason makes the driver rerun the stage instead of reusing a stale result.
     cache_check: str | None = None
+    # For operators that launch work elsewhere (a container job): a "module:function" called by
+    # ``plan`` as ``describe(stage, workflow) -> list[str]`` (what would run, where, in which image);
+    # a ValueError it raises is a plan problem. It must import nothing heavy.
+    describe: str | None = None
 
     def load(self) -> Callable[..., Any]:
         return _import(self.entrypoint)
 
     def load_cache_check(self) -> Callable[..., str | None] | None:
         return _import(self.cache_check) if self.cache_check else None
+
+    def load_describe(self) -> Callable[..., list[str]] | None:
+        return _import(self.describe) if self.describe else None
 
 
 def _import(dotted: str) -> Callable[..., Any]:

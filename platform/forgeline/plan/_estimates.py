@@ -12,10 +12,17 @@ Per GPU (or per CPU worker), for a model of N parameters:
 * activations: s*b*h*(34 + 5*a*s/h) bytes per layer in 16-bit (Korthikanti et al., 2022), doubled in
   fp32, 2*s*b*h per layer with activation checkpointing; preference data doubles the sequences.
 
-Weights, gradients and optimizer states divide by tp*pp; activations by tp (1F1B keeps about one
-micro-batch of every layer in flight on the first pipeline stage). Compute: 6*N FLOPs per token for
-full training, 4*N for adapters (no weight gradients of the frozen base), plus 2*N per token for a DPO
-reference forward; GPU-hours at the declared peak TFLOP/s and MFU.
+Tensor/pipeline layouts follow Megatron (Korthikanti et al., 2022; Narayanan et al., 2021): each
+pipeline stage holds ceil(L/pp) transformer layers, whose weight matrices are split tp ways (norms are
+replicated); the vocabulary-parallel embedding (vocab*h/tp) sits on the first stage and the output layer
+on the last (a tied embedding is kept on both when pp > 1). Gradients and Adam states follow their
+weights (the regular optimizer; a distributed optimizer would also divide them by dp). Activations per
+layer without sequence parallelism are s*b*h*(10 + 24/tp + 5*a*s/(h*tp)) bytes in 16-bit; under 1F1B
+the first stage holds pp micro-batches of its L/pp layers in flight -- L layers' worth -- while the
+last holds one micro-batch plus the logits (vocab/tp per token, fp32, with their gradient). The
+estimate is the busier of the first and last stage; ``notes`` says which. Compute: 6*N FLOPs per token
+for full training, 4*N for adapters (no weight gradients of the frozen base), plus 2*N per token for a
+DPO reference forward; GPU-hours at the declared peak TFLOP/s and MFU.
 """
 
 from __future__ import annotations
@@ -123,6 +130,40 @@ class MemoryEstimate:
         return self.per_device_bytes / GiB
 
 
+@dataclass(frozen=True)
+class StageParams:
+    """Parameters one device holds on the first and on the last pipeline stage (equal when pp == 1)."""
+
+    first: int
+    last: int
+    layers: int  # transformer layers per stage (ceil(L/pp))
+
+
+def stage_params(shape: ModelShape, tp: int, pp: int) -> StageParams:
+    """Megatron's split of a Llama-shaped model over tp x pp (see the module docstring)."""
+    L = shape.layers_or_guess()
+    per_stage = ceil_div(L, pp)
+    if not (shape.hidden and shape.heads and shape.intermediate and shape.vocab and shape.layers):
+        # Dims unknown: spread N evenly (no embedding placement to model).
+        n = ceil_div(shape.parameters, tp * pp)
+        return StageParams(n, n, per_stage)
+    h, nh, inter = shape.hidden, shape.heads, shape.intermediate
+    nkv, hd = shape.kv_heads or nh, shape.head_dim or h // nh
+    matrices = h * nh * hd + 2 * h * nkv * hd + nh * hd * h + 3 * h * inter
+    layer = ceil_div(matrices, tp) + 2 * h  # two RMSNorm weights, replicated across tp
+    emb = ceil_div(shape.vocab * h, tp)
+    tied = shape.parameters == shape.vocab * h + L * (matrices + 2 * h) + h  # shape_from_config's count
+    output = emb if (not tied or pp > 1) else 0
+    if pp == 1:
+        one = L * layer + emb + h + output
+        return StageParams(one, one, L)
+    return StageParams(per_stage * layer + emb, per_stage * layer + h + output, per_stage)
+
+
+def _activation_bytes_per_layer(s: int, seqs: int, h: int, heads: int, tp: int) -> float:
+    return s * seqs * h * (10 + 24 / tp + 5 * heads * s / (h * tp))
+
+
 def finetune_memory(
     shape: ModelShape,
     method: str,
@@ -138,43 +179,50 @@ def finetune_memory(
     tp: int,
     pp: int,
 ) -> MemoryEstimate:
-    n = shape.parameters
     wbytes = 4 if precision == "fp32" else 2
-    parts: dict[str, int] = {}
-    notes: list[str] = []
-    adapter = method in ("lora", "qlora") or (method == "dpo" and lora_for_dpo)
-    if adapter:
-        a = lora_params(shape, lora_r or 8, lora_targets)
-        if method == "qlora":
-            const_bits = 0.127 if double_quant else 0.5
-            parts["weights (nf4)"] = int(n * 0.5)
-            parts["quant constants"] = int(n * const_bits / 8)
-        else:
-            parts["weights (frozen)"] = n * wbytes
-        parts["adapters + grads + adam"] = a * 16
-    else:
-        parts["weights + grads + adam"] = n * 16
-        if method == "dpo":
-            parts["reference model"] = n * wbytes
-    model_split = tp * pp
-    for k in list(parts):
-        parts[k] = parts[k] // model_split
-    h = shape.hidden_or_guess()
+    split = stage_params(shape, tp, pp)
     L = shape.layers_or_guess()
+    h = shape.hidden_or_guess()
     a_heads = shape.heads_or_guess()
     seqs = micro_batch * (2 if method == "dpo" else 1)
     s = seq_len
-    if gradient_checkpointing:
-        act_per_layer = 2 * s * seqs * h
-        act = act_per_layer * L + int(s * seqs * h * (34 + 5 * a_heads * s / h))
+    adapter = method in ("lora", "qlora") or (method == "dpo" and lora_for_dpo)
+    adapters = (
+        ceil_div(lora_params(shape, lora_r or 8, lora_targets) * split.layers, L * tp) if adapter else 0
+    )
+
+    def state(n: int) -> dict[str, int]:
+        parts: dict[str, int] = {}
+        if adapter:
+            if method == "qlora":
+                parts["weights (nf4)"] = int(n * 0.5)
+                parts["quant constants"] = int(n * (0.127 if double_quant else 0.5) / 8)
+            else:
+                parts["weights (frozen)"] = n * wbytes
+            parts["adapters + grads + adam"] = adapters * 16
+        else:
+            parts["weights + grads + adam"] = n * 16
+            if method == "dpo":
+                parts["reference model"] = n * wbytes
+        return parts
+
+    def activations(layers: int) -> int:
+        full = _activation_bytes_per_layer(s, seqs, h, a_heads, tp)
+        # Full recompute keeps each layer's 16-bit input, plus one layer's activations while recomputing.
+        act = 2 * s * seqs * h * layers + full if gradient_checkpointing else full * layers
+        return int(act) * (2 if precision == "fp32" else 1)
+
+    logits = {"logits": 2 * 4 * s * seqs * shape.vocab // tp} if shape.vocab else {}
+    notes: list[str] = []
+    if pp == 1:
+        parts = state(split.first) | {"activations": activations(L)} | logits
     else:
-        act = int(L * s * seqs * h * (34 + 5 * a_heads * s / h))
-    if precision == "fp32":
-        act *= 2
-    parts["activations"] = act // tp
-    if shape.vocab:
-        # Logits (and their gradient) for the whole micro-batch, fp32.
-        parts["logits"] = 2 * 4 * s * seqs * shape.vocab // tp
+        # 1F1B: the first stage has pp micro-batches of its layers in flight, the last one plus logits.
+        first = state(split.first) | {"activations": activations(split.layers * pp)}
+        last = state(split.last) | {"activations": activations(split.layers)} | logits
+        busiest = max((first, "first"), (last, "last"), key=lambda p: sum(p[0].values()))
+        parts = busiest[0]
+        notes.append(f"busiest device: {busiest[1]} pipeline stage of {pp}")
     if shape.source in ("name", "declared", "unknown") and shape.hidden is None:
         notes.append("model dims guessed from the parameter count")
     return MemoryEstimate(sum(parts.values()), parts, notes)
@@ -228,6 +276,7 @@ __all__ = [
     "GiB",
     "MemoryEstimate",
     "ModelShape",
+    "StageParams",
     "ceil_div",
     "finetune_memory",
     "gpu_hours",
@@ -238,5 +287,6 @@ __all__ = [
     "shape_from_config",
     "shape_from_dir",
     "shape_from_name",
+    "stage_params",
     "training_flops",
 ]

@@ -1,0 +1,229 @@
+"""``run(ctx)`` of the finetune stage, backend ``nemo``: NVIDIA's NeMo trainers as container jobs.
+
+The stage writes the job into the shared directory (``nemo.shared_dir``, default the stage's work dir):
+``data/`` (train/validation JSON lines in the trainer's field names) and ``job/`` (``run.sh``, the
+trainer config, ``ray_job.json``, ``rayjob.yaml``, ``job.yaml``), validates every launch object against
+its real schema, and copies the same files to the stage log and to ``spec/`` in the stage directory.
+
+Then it launches where the workflow says: ``target: local`` submits a Ray job in the trainer image
+(needs GPUs in the Ray cluster and podman for Ray's ``image_uri``), polls it to the end, and publishes
+the HF result the job exported (``merged`` for sft/dpo, ``adapter`` for lora). Elsewhere -- no GPU or
+no container runtime, as on the CPU machine this is developed on, or ``target: kubernetes`` (apply the
+rendered manifests; a Kubernetes launcher is not wired into the stage yet) -- it stops with
+:data:`STOP` naming what is missing. The submit/poll path has never run here (no GPU).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from forgeline.artifacts import UriError, parse_uri
+from forgeline.runtime.context import OperatorError, StageContext, StageResult
+from forgeline.spec import parse_ref
+from forgeline_operators.finetune.nemo import launch, validate
+from forgeline_operators.finetune.nemo.render import JobInputs, Rendered, RenderError, render
+
+__all__ = ["STOP", "model_location", "prepare", "run", "trainer_rows"]
+
+STOP = (
+    "backend nemo runs {trainer} {release} in {image} on {gpus} GPU(s); {missing}. The job was rendered "
+    "and validated (files in {job_dir}, and in the stage log): {how}"
+)
+POLL_S = 30.0
+
+
+def model_location(ctx: StageContext, ref: str) -> str:
+    """A hub id for ``hf://`` models (the container downloads), else the resolved local directory."""
+    parsed = parse_ref(ref)
+    uri = ctx.workflow.model.base if parsed and parsed[0] == "model" else ref
+    if parse_ref(uri) is None:
+        try:
+            u = parse_uri(uri, Path.cwd())
+        except UriError:
+            u = None
+        if u is not None and u.scheme == "hf":
+            return str(u.target).split("@", 1)[0]
+    return str(ctx.input_path(ref))
+
+
+def trainer_rows(method: str, rows: list[dict[str, Any]], dataset: str) -> list[dict[str, Any]]:
+    """Rows in the trainer's field names (Megatron-Bridge: input/output; NeMo-RL: prompt/chosen/rejected)."""
+    out = []
+    for i, row in enumerate(rows, 1):
+        if method == "dpo":
+            out.append({k: row[k] for k in ("prompt", "chosen", "rejected")})
+        elif "prompt" in row and "completion" in row:
+            out.append({"input": row["prompt"], "output": row["completion"]})
+        else:
+            raise OperatorError(
+                f"dataset {dataset!r} row {i}: backend nemo sft/lora takes prompt/completion rows "
+                "(Megatron-Bridge's preloaded JSONL); convert chat `messages` rows or use backend hf"
+            )
+    return out
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def prepare(ctx: StageContext) -> tuple[Rendered, JobInputs, dict[str, Any], Path]:
+    """Write data + job files to the shared dir, validate every launch object; returns what was rendered."""
+    from forgeline_operators.finetune.operator import split_rows
+
+    stage = ctx.stage
+    nemo = stage.nemo
+    shared = Path(nemo.shared_dir) if nemo and nemo.shared_dir else ctx.work_dir / "nemo"
+    train, held = split_rows(
+        ctx, stage.dataset, stage.eval_dataset, stage.training.eval_fraction, stage.training.seed
+    )
+    job = JobInputs(
+        name=launch.k8s_name(ctx.workflow.name, stage.name),
+        model=model_location(ctx, stage.base),
+        shared_dir=str(shared),
+        train_rows=len(train),
+        eval_rows=len(held),
+        tracking_uri=ctx.tracking_uri,
+        experiment=ctx.workflow.tracking.experiment or ctx.workflow.name,
+        run_name=f"{ctx.workflow.name}/{stage.name}",
+    )
+    try:
+        rendered = render(stage, job)
+        objects = _launch_objects(stage, rendered, job)
+    except RenderError as e:
+        raise OperatorError(str(e)) from e
+    problems = validate.validate_ray_job(objects["ray_job"]) if "ray_job" in objects else []
+    if "rayjob" in objects:
+        problems += validate.validate_rayjob(objects["rayjob"])
+    if "job" in objects:
+        problems += validate.validate_k8s(objects["job"])
+    if problems:
+        raise OperatorError("rendered NeMo job failed validation: " + "; ".join(problems))
+    names = (
+        ("training.jsonl", "validation.jsonl")
+        if stage.method != "dpo"
+        else ("train.jsonl", "validation.jsonl")
+    )
+    _write_jsonl(shared / "data" / names[0], trainer_rows(stage.method, train, stage.dataset))
+    if held:
+        _write_jsonl(
+            shared / "data" / names[1], trainer_rows(stage.method, held, stage.eval_dataset or stage.dataset)
+        )
+    files = dict(rendered.files)
+    if "ray_job" in objects:
+        files["ray_job.json"] = json.dumps(objects["ray_job"], indent=2) + "\n"
+    if "rayjob" in objects:
+        files["rayjob.yaml"] = yaml.safe_dump(objects["rayjob"], sort_keys=False)
+    if "job" in objects:
+        files["job.yaml"] = yaml.safe_dump_all(objects["job"], sort_keys=False)
+    job_dir = shared / "job"
+    spec_dir = ctx.output_dir / "spec"
+    for d in (job_dir, spec_dir):
+        d.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            (d / name).write_text(text)
+    (job_dir / "run.sh").chmod(0o755)
+    return rendered, job, objects, job_dir
+
+
+def _launch_objects(stage: Any, r: Rendered, job: JobInputs) -> dict[str, Any]:
+    """The launch objects this stage can use (a layout that one launcher cannot run is left out of it)."""
+    objects: dict[str, Any] = {}
+    errors = []
+    for key, build in (
+        ("ray_job", lambda: launch.ray_job(r, job)),
+        ("rayjob", lambda: launch.rayjob_manifest(stage, r, job)),
+        ("job", lambda: launch.job_manifests(stage, r, job)),
+    ):
+        try:
+            objects[key] = build()
+        except RenderError as e:
+            errors.append(str(e))
+    if not objects:
+        raise RenderError("; ".join(errors))
+    return objects
+
+
+def _missing(ctx: StageContext, r: Rendered, objects: dict[str, Any]) -> tuple[str | None, str]:
+    """(what is missing, how to run it instead), or (None, "") when the Ray job can be submitted here."""
+    if ctx.workflow.target == "kubernetes":
+        launcher = ctx.stage.nemo.launcher if ctx.stage.nemo else "rayjob"
+        manifest = "rayjob.yaml" if launcher == "rayjob" else "job.yaml"
+        return ("the stage does not submit to Kubernetes yet", f"kubectl apply -f {manifest}")
+    if "ray_job" not in objects:
+        return ("a Ray job cannot run this layout", "use target: kubernetes with nemo.launcher: job")
+    missing = []
+    if shutil.which("podman") is None:
+        missing.append("no podman on this node (Ray's image_uri runtime_env starts the image with podman)")
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
+    if gpus < r.gpus_per_node:
+        missing.append(f"the Ray cluster has {gpus:g} GPUs, the job needs {r.gpus_per_node} on one node")
+    how = "run the workflow against a GPU Ray cluster (--ray-address) or apply rayjob.yaml / job.yaml"
+    return ("; ".join(missing) or None, how)
+
+
+def run(ctx: StageContext) -> StageResult:
+    stage = ctx.stage
+    rendered, _, objects, job_dir = prepare(ctx)
+    for name in sorted(rendered.files):
+        print(f"--- {name}\n{rendered.files[name]}")
+    # Tags, not params: the driver already logged the stage's own ``nemo.*`` fields as params.
+    ctx.set_tags(
+        {
+            "forgeline.nemo.trainer": f"{rendered.trainer} {rendered.release}",
+            "forgeline.nemo.image": rendered.image,
+            "forgeline.nemo.layout": f"{rendered.nodes}x{rendered.gpus_per_node} GPUs",
+            "forgeline.nemo.iterations": str(rendered.iterations),
+        }
+    )
+    missing, how = _missing(ctx, rendered, objects)
+    if missing is not None:
+        raise OperatorError(
+            STOP.format(
+                trainer=rendered.trainer,
+                release=rendered.release,
+                image=rendered.image,
+                gpus=rendered.world_size,
+                missing=missing,
+                job_dir=job_dir,
+                how=how,
+            )
+        )
+    _submit_and_wait(objects["ray_job"], stage.timeout_minutes)
+    outputs: dict[str, Path | str | int | float] = {}
+    for name, path in rendered.outputs.items():
+        src = Path(path)
+        if not (src / "config.json").is_file() and not (src / "adapter_config.json").is_file():
+            raise OperatorError(f"the job finished but wrote no HF checkpoint at {src}")
+        shutil.copytree(src, ctx.output_dir / name)
+        outputs[name] = ctx.output_dir / name
+    return StageResult(outputs=outputs, metrics={"iterations": float(rendered.iterations)})
+
+
+def _submit_and_wait(submission: dict[str, Any], timeout_minutes: float | None) -> None:
+    """Submit to the connected Ray cluster and poll to a terminal state (never run here: no GPU)."""
+    import ray
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(ray.get_runtime_context().gcs_address)
+    job_id = client.submit_job(**submission)
+    deadline = time.monotonic() + (timeout_minutes or 7 * 24 * 60) * 60
+    while time.monotonic() < deadline:
+        status = client.get_job_status(job_id)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            break
+        time.sleep(POLL_S)  # a remote job's state: nothing to wait on but the API
+    else:
+        client.stop_job(job_id)
+        raise OperatorError(f"Ray job {job_id} did not finish within {timeout_minutes} minutes (stopped)")
+    print(client.get_job_logs(job_id)[-20000:])
+    if status != JobStatus.SUCCEEDED:
+        raise OperatorError(f"Ray job {job_id} ended {status}")
