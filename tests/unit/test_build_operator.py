@@ -14,7 +14,7 @@ import pytest
 import torch
 from test_quantize_operator import context as quantize_context
 
-from forgeline.artifacts import ModelStore, StageStore
+from forgeline.artifacts import ModelStore, StageStore, dir_digest
 from forgeline.plan import Planner
 from forgeline.registry import default_registry
 from forgeline.runtime.context import MemorySink, OperatorError, StageContext
@@ -22,6 +22,7 @@ from forgeline.spec import BuildStage, load_workflow
 from forgeline_operators.build import CPU_STOP, run_openvino, run_tensorrt_llm
 from forgeline_operators.build import trtllm as t
 from forgeline_operators.build.openvino import F32_HINTS
+from forgeline_operators.build.operator import cached_engine, checkpoint_digest, store_engine
 from forgeline_operators.quantize import run as quantize
 
 torch.set_num_threads(1)
@@ -120,6 +121,73 @@ def test_cpu_stops_with_the_documented_message_after_writing_the_spec(
     assert spec["checkpoint_kind"] == "trtllm" and spec["quantization"]["quant_algo"] == "W8A8_SQ_PER_CHANNEL"
     assert (out / "trtllm-build.sh").read_text().startswith("#!/bin/sh\nexec trtllm-build")
     assert "--max_batch_size" in capsys.readouterr().out  # the stage log keeps the spec
+    # The engine cache key was computed from the declared/default version and arch, and says so.
+    cache = spec["engine_cache"]
+    assert cache["sources"] == {"tensorrt_llm": "default", "gpu_arch": "undeclared"}
+    expected = t.engine_key(checkpoint_digest(trtllm_checkpoint), stage.tensorrt_llm,
+                            installed_version=None, gpu_arch=None)  # fmt: skip
+    assert cache["key"] == expected.key and cache["components"]["checkpoint"] == dir_digest(trtllm_checkpoint)
+
+
+def test_engine_key_changes_with_each_component_and_only_those() -> None:
+    spec = build_stage("tensorrt-llm", tensorrt_llm={"tp": 2}).tensorrt_llm
+
+    def key(
+        digest: str = "d1", version: str | None = "1.2.0", arch: str | None = "sm_90", **fields: Any
+    ) -> str:
+        s = spec.model_copy(update=fields)
+        return t.engine_key(digest, s, installed_version=version, gpu_arch=arch).key
+
+    base = key()
+    assert base == key() and len(base) == 64
+    assert len({base, key(digest="d2"), key(version="1.2.1"), key(arch="sm_89"), key(max_batch_size=8)}) == 5
+    # A runtime-only knob does not invalidate engines.
+    assert key(kv_cache_free_gpu_mem_fraction=0.5) == base
+    detected = t.engine_key("d1", spec, installed_version="1.2.0", gpu_arch="sm_90")
+    assert detected.detected and detected.components["tensorrt_llm"] == "1.2.0"
+
+
+def test_engine_key_uses_declared_values_without_tensorrt_llm_and_checks_them_with_it() -> None:
+    declared = build_stage("tensorrt-llm", tensorrt_llm={"version": "1.2", "gpu_arch": "sm_90"}).tensorrt_llm
+    k = t.engine_key("d", declared, installed_version=None, gpu_arch=None)
+    assert k.sources == {"tensorrt_llm": "declared", "gpu_arch": "declared"} and not k.detected
+    assert (k.components["tensorrt_llm"], k.components["gpu_arch"]) == ("1.2", "sm_90")
+    assert t.engine_key(
+        "d", declared, installed_version="1.2.0rc3", gpu_arch="sm_90"
+    ).detected  # same release
+    with pytest.raises(ValueError, match=r"this node has TensorRT-LLM 1\.3\.0"):
+        t.engine_key("d", declared, installed_version="1.3.0", gpu_arch="sm_90")
+    with pytest.raises(ValueError, match=r"this node.s GPU is sm_100: engines are not portable"):
+        t.engine_key("d", declared, installed_version="1.2.0", gpu_arch="sm_100")
+
+
+def test_engine_cache_store_and_lookup(tmp_path: Path) -> None:
+    engine = tmp_path / "built"
+    engine.mkdir()
+    (engine / "rank0.engine").write_bytes(b"\x00engine")
+    (engine / "config.json").write_text("{}")
+    root = tmp_path / "cache"
+    assert cached_engine(root, "k1") is None
+    stored = store_engine(root, "k1", engine, {"key": "k1"})
+    assert cached_engine(root, "k1") == stored
+    assert (stored / "rank0.engine").read_bytes() == b"\x00engine"
+    store_engine(root, "k1", engine, {"key": "k1"})  # a second publisher of the same key is harmless
+    assert sorted(p.name for p in root.iterdir()) == ["k1"]  # no temporaries left behind
+    (root / "k2" / "engine").mkdir(parents=True)  # half-written: no metadata file
+    assert cached_engine(root, "k2") is None
+
+
+def test_plan_says_which_engine_key_inputs_are_declared(tmp_path: Path) -> None:
+    registry = default_registry()
+    wf = load_workflow(
+        Path(__file__).resolve().parents[2] / "workflows" / "examples" / "llama3-8b-fp8-trtllm.yaml"
+    )
+    plan = Planner(wf, registry, ModelStore(tmp_path, registry), StageStore(tmp_path)).build()
+    notes = [w for sp in plan.stages for w in sp.warnings if w.startswith("engine cache key")]
+    if HAS_TRTLLM:
+        assert notes == []
+    else:
+        assert notes and "tensorrt_llm is not installed here" in notes[0]
 
 
 def test_tp_mismatch_with_the_checkpoint_is_caught(trtllm_checkpoint: Path, tmp_path: Path) -> None:
@@ -236,3 +304,121 @@ def test_openvino_build_takes_an_nncf_ir_as_is(tmp_path: Path) -> None:
     artifact = result.outputs["artifact"]
     assert isinstance(artifact, Path)
     assert (artifact / "openvino_model.bin").read_bytes() == (ir / "openvino_model.bin").read_bytes()
+
+
+# ------------------------------------------------------------------ EngineBuild on Kubernetes
+SMALL_ENGINE = {"tp": 2, "max_batch_size": 4, "max_input_len": 64, "max_seq_len": 128, "max_num_tokens": 256}
+
+
+def _job_args(checkpoint: Path, tmp: Path, expect_key: str | None = None) -> list[str]:
+    settings = t_settings(SMALL_ENGINE)
+    args = ["--checkpoint", str(checkpoint), "--settings", json.dumps(settings), "--out", str(tmp / "out")]
+    args += ["--cache", str(tmp / "cache"), "--termination-log", str(tmp / "termination-log")]
+    return args + (["--expect-key", expect_key] if expect_key else [])
+
+
+def t_settings(fields: dict[str, Any]) -> dict[str, Any]:
+    from forgeline.spec._models import TrtllmBuildSpec
+
+    return TrtllmBuildSpec.model_validate(fields).model_dump()
+
+
+def test_engine_build_resource_and_job_pass_the_kubernetes_schemas() -> None:
+    from forgeline_operators.build.k8s import API_VERSION, engine_build, engine_build_job
+    from forgeline_operators.finetune.nemo.validate import validate_k8s
+
+    key = "ab12" * 16
+    cr = engine_build(
+        "Llama3 8B FP8 engine",
+        namespace="ml",
+        checkpoint="/artifacts/stages/k1/checkpoint",
+        checkpoint_sha256="c" * 64,
+        settings=t_settings(ISSUE_SPEC),
+        cache_key=key,
+        output="/artifacts/engines/k1",
+        node_selector={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+        workflow="llama3-8b-fp8-trtllm",
+    )
+    assert cr["apiVersion"] == API_VERSION and cr["kind"] == "EngineBuild"
+    assert cr["metadata"]["name"] == "llama3-8b-fp8-engine" and cr["spec"]["gpus"] == 2
+    job = engine_build_job(
+        cr, volume_claim="forgeline-artifacts", owner_uid="0b6a1f9e-5d2c-4c1e-9a57-3f1d1c0f8e21"
+    )
+    assert validate_k8s([job]) == []
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"] == {"nvidia.com/gpu": "2"}
+    assert container["command"] == ["python", "-m", "forgeline_operators.build.engine_job"]
+    assert container["args"][container["args"].index("--expect-key") + 1] == key
+    assert (
+        json.loads(container["args"][container["args"].index("--settings") + 1]) == cr["spec"]["tensorrtLLM"]
+    )
+    owner = job["metadata"]["ownerReferences"][0]
+    assert (owner["kind"], owner["name"], owner["controller"]) == (
+        "EngineBuild",
+        cr["metadata"]["name"],
+        True,
+    )
+    assert len(job["metadata"]["name"]) <= 63 and job["metadata"]["name"].endswith(key[:10])
+    # The validation is strict: a misspelt field is caught with its path.
+    container["resource"] = container.pop("resources")
+    problems = validate_k8s([job])
+    assert problems and "resource" in problems[0]
+
+
+@pytest.mark.skipif(HAS_TRTLLM, reason="checks the report of a node that cannot build")
+def test_engine_job_on_a_cpu_node_reports_what_it_needs(trtllm_checkpoint: Path, tmp_path: Path) -> None:
+    from forgeline_operators.build.engine_job import main
+
+    assert main(_job_args(trtllm_checkpoint, tmp_path)) == 2
+    report = json.loads((tmp_path / "termination-log").read_text())
+    assert report["phase"] == "Failed" and report["reason"] == "NoGPU"
+    assert "needs a CUDA GPU with the `tensorrt_llm` package" in report["message"]
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")], "staging left behind"
+
+
+def test_engine_job_refuses_a_node_whose_key_differs(trtllm_checkpoint: Path, tmp_path: Path) -> None:
+    from forgeline_operators.build.engine_job import main
+
+    assert main(_job_args(trtllm_checkpoint, tmp_path, expect_key="0" * 64)) == 3
+    report = json.loads((tmp_path / "termination-log").read_text())
+    assert report["reason"] == "KeyMismatch" and "expects 000000000000" in report["message"]
+
+
+def test_engine_job_reuses_a_cached_engine_and_publishes_it(trtllm_checkpoint: Path, tmp_path: Path) -> None:
+    """The reuse path (no GPU needed): the cache entry holds stand-in bytes, since no engine can be
+    built here -- what is checked is the copy, the manifest and the report, not an engine."""
+    from forgeline.artifacts import read_manifest
+    from forgeline_operators.build.engine_job import main
+    from forgeline_operators.build.operator import write_spec
+
+    probe = write_spec(
+        build_stage("tensorrt-llm", tensorrt_llm=SMALL_ENGINE), trtllm_checkpoint, tmp_path / "p"
+    )
+    key = probe["engine_cache"]["key"]
+    built = tmp_path / "built"
+    built.mkdir()
+    for rank in (0, 1):
+        (built / f"rank{rank}.engine").write_bytes(f"stand-in engine {rank}".encode())
+    store_engine(tmp_path / "cache", key, built, probe["engine_cache"])
+
+    assert main(_job_args(trtllm_checkpoint, tmp_path, expect_key=key)) == 0
+    report = json.loads((tmp_path / "termination-log").read_text())
+    assert report["phase"] == "Succeeded" and report["cache"] == "hit" and report["cacheKey"] == key
+    assert report["engines"] == ["rank0.engine", "rank1.engine"]
+    manifest = read_manifest(tmp_path / "out")
+    assert manifest is not None and report["sha256"] == manifest.digest
+    assert (tmp_path / "out" / "engine" / "rank1.engine").read_bytes() == b"stand-in engine 1"
+    assert (tmp_path / "out" / "extra_llm_api_options.yaml").is_file()
+
+
+def test_engine_job_for_an_hf_checkpoint_publishes_the_llm_api_profile(tmp_path: Path) -> None:
+    from test_quantize_operator import SOURCE
+
+    from forgeline_operators.build.engine_job import main
+
+    SOURCE.materialize(tmp_path / "tiny")
+    assert main(_job_args(tmp_path / "tiny", tmp_path)) == 0
+    report = json.loads((tmp_path / "termination-log").read_text())
+    assert report["form"] == "llm-api" and report["engines"] == []
+    assert "tensor_parallel_size: 2" in (tmp_path / "out" / "extra_llm_api_options.yaml").read_text()

@@ -55,7 +55,7 @@ def context(tmp: Path, model_dir: Path, sink: MemorySink | None = None, **fields
         )
     }
     out, work = tmp / "out", tmp / "work"
-    out.mkdir()
+    out.mkdir(parents=True)
     work.mkdir()
     return StageContext(
         stage=stage,
@@ -104,6 +104,32 @@ def test_each_modelopt_format_exports_a_unified_hf_checkpoint(
         assert sink.last(metric) is not None, metric
     assert 0.5 < result.metrics["token_agreement"] <= 1.0
     assert "trtllm_checkpoint" not in result.outputs
+
+
+def _dtypes(checkpoint: Path) -> dict[str, str]:
+    with safe_open(str(checkpoint / "model.safetensors"), "pt") as f:
+        return {k: f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118
+
+
+def test_export_dtype_bf16_by_default_halves_the_unquantized_tensors(tiny: Path, tmp_path: Path) -> None:
+    bf16 = run(context(tmp_path / "bf16", tiny, format="int8"))
+    fp32 = run(context(tmp_path / "fp32", tiny, format="int8", export_dtype="fp32"))
+    dirs = [r.outputs["checkpoint"] for r in (bf16, fp32)]
+    assert all(isinstance(d, Path) for d in dirs)
+    b, f = (_dtypes(d) for d in dirs)  # type: ignore[arg-type]
+    assert b["model.embed_tokens.weight"] == "BF16" and f["model.embed_tokens.weight"] == "F32"
+    assert b["lm_head.weight"] == "BF16" and b["model.norm.weight"] == "BF16"
+    assert b["model.layers.0.mlp.down_proj.weight"] == f["model.layers.0.mlp.down_proj.weight"] == "I8"
+    # Embeddings + lm_head are 2/3 of the tiny model: bf16 takes the file to ~0.4x the fp32 parent.
+    assert bf16.metrics["size_bytes"] < 0.6 * fp32.metrics["size_bytes"]
+    assert bf16.metrics["size_ratio"] < 0.45 < fp32.metrics["size_ratio"]
+    meta = json.loads((dirs[0] / "forgeline_quant.json").read_text())  # type: ignore[operator]
+    assert meta["export_dtype"] == "bf16"
+
+
+def test_export_dtype_is_a_modelopt_option(tiny: Path, tmp_path: Path) -> None:
+    with pytest.raises(OperatorError, match="export_dtype is a ModelOpt export option"):
+        run(context(tmp_path, tiny, format="nncf_int8", export_dtype="fp16"))
 
 
 def test_fp8_kv_cache(tiny: Path, tmp_path: Path) -> None:

@@ -8,24 +8,42 @@ tensorrt-llm: the stage renders and validates both build forms into ``artifact``
 for a TRT-LLM checkpoint, ``extra_llm_api_options.yaml`` for the PyTorch backend, ``build_spec.json``)
 and, where ``tensorrt_llm`` imports and a GPU is present, builds the engine with ``trtllm-build``.
 Elsewhere it fails with :data:`CPU_STOP` after printing the rendered spec (the stage log keeps it;
-the runtime discards a failed stage's outputs).
+the runtime discards a failed stage's outputs). Built engines are cached by content key
+(:func:`trtllm.engine_key`: checkpoint digest + build settings + TensorRT-LLM version + GPU SM) under
+``$FORGELINE_ENGINE_CACHE`` or ``<home>/engine-cache/<key>``, shared by every workflow on the node; a
+hit copies the engine instead of building. The engine build and the cache hit path need a GPU and
+are untested here; the key, the cache store and lookup are unit-tested.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
+from forgeline.artifacts import dir_digest, read_manifest
 from forgeline.runtime.context import OperatorError, StageContext, StageResult
 from forgeline.spec._models import TrtllmBuildSpec
 from forgeline_operators.build import openvino as ov
 from forgeline_operators.build import trtllm
 
-__all__ = ["CPU_STOP", "run_openvino", "run_tensorrt_llm"]
+__all__ = [
+    "CPU_STOP",
+    "ENGINE_CACHE_ENV",
+    "cached_engine",
+    "checkpoint_digest",
+    "engine_cache_root",
+    "run_openvino",
+    "run_tensorrt_llm",
+    "store_engine",
+]
+
+ENGINE_CACHE_ENV = "FORGELINE_ENGINE_CACHE"
+_ENGINE_META = "forgeline_engine_key.json"  # written last: its presence marks a complete cache entry
 
 CPU_STOP = (
     "engine: tensorrt-llm needs a CUDA GPU with the `tensorrt_llm` package importable "
@@ -98,6 +116,15 @@ def write_spec(stage: Any, src: Path, out: Path) -> dict[str, Any]:
         ranks = sorted(p.name for p in src.glob("rank*.safetensors"))
         if len(ranks) != spec.tp * spec.pp:
             raise OperatorError(f"expected {spec.tp * spec.pp} rank files in {src}, found {ranks}")
+    try:
+        key = trtllm.engine_key(
+            checkpoint_digest(src),
+            spec,
+            installed_version=trtllm.detected_version(),
+            gpu_arch=trtllm.detected_gpu_arch(),
+        )
+    except ValueError as e:
+        raise OperatorError(str(e)) from e
     (out / "extra_llm_api_options.yaml").write_text(trtllm.render_yaml(options))
     if argv is not None:
         (out / "trtllm-build.sh").write_text("#!/bin/sh\nexec " + trtllm.shell(argv))
@@ -109,9 +136,43 @@ def write_spec(stage: Any, src: Path, out: Path) -> dict[str, Any]:
         "trtllm_build": argv,
         "extra_llm_api_options": options,
         "settings": spec.model_dump(),
+        "engine_cache": {"key": key.key, "components": key.components, "sources": key.sources},
     }
     (out / "build_spec.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def checkpoint_digest(src: Path) -> str:
+    """The content digest of a checkpoint directory: its manifest's when published, else computed."""
+    manifest = read_manifest(src)
+    return manifest.digest if manifest is not None and manifest.digest else dir_digest(src)
+
+
+def engine_cache_root(ctx: StageContext) -> Path | None:
+    if os.environ.get(ENGINE_CACHE_ENV):
+        return Path(os.environ[ENGINE_CACHE_ENV])
+    return ctx.home / "engine-cache" if ctx.home is not None else None
+
+
+def cached_engine(root: Path, key: str) -> Path | None:
+    """The cached engine directory for ``key``, or None (half-written entries never count)."""
+    entry = root / key
+    return entry / "engine" if (entry / _ENGINE_META).is_file() else None
+
+
+def store_engine(root: Path, key: str, engine: Path, meta: dict[str, Any]) -> Path:
+    """Copy ``engine`` into the cache under ``key`` atomically (rename of a complete directory)."""
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{key}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(engine, tmp / "engine")
+    (tmp / _ENGINE_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    try:
+        os.replace(tmp, root / key)
+    except OSError:
+        # Another build of the same key published first; its engine is equivalent by construction.
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root / key / "engine"
 
 
 def _hf_quant(src: Path) -> dict[str, Any]:
@@ -149,10 +210,26 @@ def run_tensorrt_llm(ctx: StageContext) -> StageResult:
         # The PyTorch backend loads the HF checkpoint directly: the profile is the artifact.
         ctx.set_tags({"forgeline.build.engine": "tensorrt-llm", "forgeline.build.form": "llm-api"})
         return StageResult(outputs={"artifact": out}, metrics={})
+    cache = summary["engine_cache"]
+    root = engine_cache_root(ctx)
+    hit = cached_engine(root, cache["key"]) if root is not None and stage.cache else None
+    if hit is not None:
+        shutil.copytree(hit, out / "engine")
+        engines = sorted(p.name for p in (out / "engine").glob("rank*.engine"))
+        ctx.set_tags({"forgeline.build.engine": "tensorrt-llm", "forgeline.build.form": "engine",
+                      "forgeline.build.engine_cache": "hit"})  # fmt: skip
+        return StageResult(
+            outputs={"artifact": out}, metrics={"engines": float(len(engines)), "engine_cache_hit": 1.0}
+        )
     done = subprocess.run(summary["trtllm_build"], capture_output=True, text=True, check=False)
     print(done.stdout[-20000:], done.stderr[-20000:])
     if done.returncode != 0:
         raise OperatorError(f"trtllm-build exited {done.returncode}: {done.stderr.strip()[-2000:]}")
     engines = sorted(p.name for p in (out / "engine").glob("rank*.engine"))
-    ctx.set_tags({"forgeline.build.engine": "tensorrt-llm", "forgeline.build.form": "engine"})
-    return StageResult(outputs={"artifact": out}, metrics={"engines": float(len(engines))})
+    if root is not None:
+        store_engine(root, cache["key"], out / "engine", cache)
+    ctx.set_tags({"forgeline.build.engine": "tensorrt-llm", "forgeline.build.form": "engine",
+                  "forgeline.build.engine_cache": "miss"})  # fmt: skip
+    return StageResult(
+        outputs={"artifact": out}, metrics={"engines": float(len(engines)), "engine_cache_hit": 0.0}
+    )

@@ -14,19 +14,34 @@ TensorRT engine backend):
   ``DecodingBaseConfig.from_dict``'s ``decoding_type`` names.
 
 When ``tensorrt_llm`` imports, :func:`validate_llm_api_options` also checks against the real classes.
+
+Engines are cached by content (:func:`engine_key`): sha256 over the checkpoint's digest, the build
+settings, the TensorRT-LLM version and the GPU architecture (SM), because an engine is only valid for
+the exact release and SM it was built on. Where ``tensorrt_llm`` or a GPU is absent, the declared
+``tensorrt_llm.version`` / ``gpu_arch`` (else the default version, and ``undeclared``) stand in and
+the key records that it was not detected.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
+import json
 import shlex
+from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "ENGINE_KEY_SCHEMA",
     "KV_CACHE_CONFIG_FIELDS",
     "LLM_ARGS_FIELDS",
     "LORA_CONFIG_FIELDS",
     "SPECULATIVE_MODES",
     "TRTLLM_VERSION",
+    "EngineKey",
+    "detected_gpu_arch",
+    "detected_version",
+    "engine_key",
     "llm_api_options",
     "render_yaml",
     "shell",
@@ -213,3 +228,82 @@ def shell(argv: list[str]) -> str:
             lines.append([])
         lines[-1].append(shlex.quote(arg))
     return " \\\n  ".join(" ".join(line) for line in lines) + "\n"
+
+
+# ------------------------------------------------------------------------------ engine cache key
+
+ENGINE_KEY_SCHEMA = 1  # bump when what goes into the key changes
+# Not part of the engine: where it is built for, and a runtime-only knob.
+_NOT_ENGINE_SETTINGS = frozenset({"version", "gpu_arch", "kv_cache_free_gpu_mem_fraction"})
+
+
+@dataclass(frozen=True)
+class EngineKey:
+    key: str
+    components: dict[str, Any]
+    sources: dict[str, str] = field(default_factory=dict)  # tensorrt_llm / gpu_arch: detected|declared|...
+
+    @property
+    def detected(self) -> bool:
+        return self.sources.get("tensorrt_llm") == "detected" and self.sources.get("gpu_arch") == "detected"
+
+
+def detected_version() -> str | None:
+    """The installed TensorRT-LLM release (None when the package is absent)."""
+    try:
+        return importlib.metadata.version("tensorrt_llm")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def detected_gpu_arch() -> str | None:
+    """``sm_XY`` of CUDA device 0 (None without a CUDA GPU)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability(0)
+    return f"sm_{major}{minor}"
+
+
+def _release_matches(installed: str, declared: str) -> bool:
+    return installed == declared or installed.startswith(declared + ".")
+
+
+def engine_key(
+    checkpoint_digest: str,
+    spec: Any,
+    *,
+    installed_version: str | None,
+    gpu_arch: str | None,
+) -> EngineKey:
+    """The engine's content key; raises ValueError when the declared version / SM contradict this node."""
+    declared_version, declared_arch = spec.version, spec.gpu_arch
+    if installed_version and declared_version and not _release_matches(installed_version, declared_version):
+        raise ValueError(
+            f"tensorrt_llm.version={declared_version} but this node has TensorRT-LLM {installed_version}: "
+            "an engine only runs on the release it was built with; fix the version or the node image"
+        )
+    if gpu_arch and declared_arch and gpu_arch != declared_arch:
+        raise ValueError(
+            f"tensorrt_llm.gpu_arch={declared_arch} but this node's GPU is {gpu_arch}: engines are not "
+            "portable across GPU architectures; run on a matching node or drop gpu_arch"
+        )
+    version = installed_version or declared_version or TRTLLM_VERSION
+    arch = gpu_arch or declared_arch or "undeclared"
+    sources = {
+        "tensorrt_llm": "detected" if installed_version else ("declared" if declared_version else "default"),
+        "gpu_arch": "detected" if gpu_arch else ("declared" if declared_arch else "undeclared"),
+    }
+    settings = {k: v for k, v in spec.model_dump(mode="json").items() if k not in _NOT_ENGINE_SETTINGS}
+    components = {
+        "schema": ENGINE_KEY_SCHEMA,
+        "checkpoint": checkpoint_digest,
+        "build": settings,
+        "tensorrt_llm": version,
+        "gpu_arch": arch,
+    }
+    blob = json.dumps(components, sort_keys=True, separators=(",", ":")).encode()
+    return EngineKey(hashlib.sha256(blob).hexdigest(), components, sources)

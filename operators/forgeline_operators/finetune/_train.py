@@ -38,6 +38,7 @@ __all__ = [
     "common_args",
     "finish",
     "is_rank0",
+    "load_causal_lm",
     "load_model",
     "load_policy",
     "load_tokenizer",
@@ -98,7 +99,11 @@ def _dtype(job: TrainJob) -> torch.dtype:
 
 def load_model(job: TrainJob, model_dir: Path) -> Any:
     """A full causal LM from a checkpoint, or from an adapter directory merged into its base in memory."""
-    dtype = _dtype(job)
+    return load_causal_lm(model_dir, _dtype(job))
+
+
+def load_causal_lm(model_dir: Path, dtype: torch.dtype) -> Any:
+    """:func:`load_model` without a TrainJob (distillation loads teacher and student with it)."""
     base = adapter_base_dir(model_dir)
     if base is None:
         return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
@@ -291,7 +296,13 @@ def save_outputs(job: TrainJob, model: Any, tokenizer: Any) -> list[str]:
             written.append("merged")
     else:
         merged = job.output_dir / "merged"
-        model.save_pretrained(str(merged))
+        if job.stage.qat is not None:
+            from forgeline_operators.quantize._modelopt import export_hf
+
+            model.eval()
+            export_hf(model, merged, job.stage.qat.export_dtype)  # the quantize stage's export
+        else:
+            model.save_pretrained(str(merged))
         tokenizer.save_pretrained(str(merged))
         written.append("merged")
     return written

@@ -21,7 +21,7 @@ from forgeline.spec import FinetuneStage
 from forgeline_operators.finetune._checkpoints import durable_dir, latest_complete
 from forgeline_operators.finetune._job import Features, MetricsTarget, Schedule, TrainJob, TrainOutcome
 
-__all__ = ["run", "train_entry"]
+__all__ = ["run", "split_rows", "train_entry"]
 
 # Placement of Ray Train workers: wait at most this long for a busy cluster (never forever).
 PLACEMENT_TIMEOUT_S = float(os.environ.get("FORGELINE_TRAIN_PLACEMENT_TIMEOUT_S", "120"))
@@ -41,14 +41,23 @@ def train_entry(job: TrainJob, sink: MetricSink | None) -> TrainOutcome:
 
 
 def _split(ctx: StageContext, stage: FinetuneStage) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    rows = ctx.read_rows(stage.dataset)
-    if stage.eval_dataset:
-        return rows, ctx.read_rows(stage.eval_dataset)
-    n_eval = round(len(rows) * stage.training.eval_fraction)
-    if stage.training.eval_fraction > 0 and len(rows) >= 2:
+    t = stage.training
+    return split_rows(ctx, stage.dataset, stage.eval_dataset, t.eval_fraction, t.seed)
+
+
+def split_rows(
+    ctx: StageContext, dataset: str, eval_dataset: str | None, eval_fraction: float, seed: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Train and eval rows: ``eval_dataset`` when given, else a seeded ``eval_fraction`` split
+    (at least one eval row when the fraction is positive). Distillation splits the same way."""
+    rows = ctx.read_rows(dataset)
+    if eval_dataset:
+        return rows, ctx.read_rows(eval_dataset)
+    n_eval = round(len(rows) * eval_fraction)
+    if eval_fraction > 0 and len(rows) >= 2:
         n_eval = max(1, n_eval)
     order = list(range(len(rows)))
-    random.Random(stage.training.seed).shuffle(order)
+    random.Random(seed).shuffle(order)
     held = set(order[:n_eval])
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
 
@@ -191,5 +200,12 @@ def run(ctx: StageContext) -> StageResult:
     # At the last step, beside the step series; "loss" there is the train loss, so the headline
     # (held-out) loss stays out of the tracking run and only heads the stage's result.
     ctx.log_metrics({k: v for k, v in metrics.items() if k != "loss"}, step=int(metrics["steps"]))
+    if stage.qat is not None:
+        from forgeline_operators.quantize import qat
+
+        ctx.set_tags(
+            {"forgeline.quantize.format": stage.qat.format, "forgeline.quantize.library": "nvidia-modelopt"}
+        )
+        qat.check(stage.qat, metrics)  # after logging, so a failed gate leaves its numbers in the run
     names = [*outcome.outputs, "checkpoint"]
     return StageResult(outputs={name: ctx.output_dir / name for name in names}, metrics=metrics)

@@ -1,5 +1,8 @@
 """Supervised fine-tuning (methods ``sft``, ``lora``, ``qlora``) with trl's ``SFTTrainer``.
 
+With ``qat:`` the model is quantized and calibrated by ModelOpt before training and exported as a
+quantized checkpoint after it (:mod:`forgeline_operators.quantize.qat`).
+
 Rows are tokenised by :mod:`forgeline_operators.data` -- the same ids and completion-only labels the
 ``evaluate`` stage scores -- and handed to the trainer pre-tokenised (``skip_prepare_dataset``), so
 trl neither re-renders nor silently drops anything; rows with no completion token left within
@@ -57,6 +60,11 @@ def train(job: TrainJob, sink: MetricSink | None) -> TrainOutcome:
     _train.setup_process(job)
     tokenizer = _train.load_tokenizer(job.base_dir)
     model, peft_config = _train.load_policy(job)
+    qat_metrics: dict[str, float] = {}
+    if job.stage.qat is not None:
+        from forgeline_operators.quantize import qat
+
+        model, qat_metrics = qat.prepare(job, model)
     args = SFTConfig(
         **_train.common_args(job),
         dataset_kwargs={"skip_prepare_dataset": True},  # tokenised by forgeline_operators.data
@@ -74,4 +82,9 @@ def train(job: TrainJob, sink: MetricSink | None) -> TrainOutcome:
     )
     resume = _train.prepare_resume(job)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    return _train.finish(job, trainer, result, resume, callback, tokenizer)
+    if job.stage.qat is not None:
+        parent = _train.load_causal_lm(job.base_dir, next(model.parameters()).dtype)
+        qat_metrics.update(qat.evaluate(job, trainer.accelerator.unwrap_model(trainer.model), parent))
+    outcome = _train.finish(job, trainer, result, resume, callback, tokenizer)
+    outcome.metrics.update(qat_metrics)
+    return outcome

@@ -23,7 +23,14 @@ import torch
 
 from forgeline.runtime.context import OperatorError
 
-__all__ = ["MODELOPT_FORMATS", "export_hf", "export_trtllm", "quantize"]
+__all__ = [
+    "DEFAULT_EXPORT_DTYPE",
+    "EXPORT_DTYPES",
+    "MODELOPT_FORMATS",
+    "export_hf",
+    "export_trtllm",
+    "quantize",
+]
 
 # Stage format -> name of the ModelOpt preset config (modelopt.torch.quantization).
 MODELOPT_FORMATS = {
@@ -63,11 +70,24 @@ def quantize(model: Any, fmt: str, kv_cache_dtype: str, calibration: Sequence[li
     return mtq.quantize(model, _config(fmt, kv_cache_dtype), forward_loop=forward_loop)
 
 
-def export_hf(model: Any, dest: Path) -> None:
+EXPORT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DEFAULT_EXPORT_DTYPE = "bf16"  # TRT-LLM's PyTorch backend and vLLM load bf16 checkpoints natively
+
+
+def export_hf(model: Any, dest: Path, dtype: str = DEFAULT_EXPORT_DTYPE) -> None:
+    """The unified HF checkpoint; ``dtype`` is that of every tensor not stored quantized (embeddings,
+    norms, lm_head). Passed explicitly: ModelOpt otherwise reads ``config.torch_dtype``, which a
+    model that went through a Trainer may hold as a string. Modifies ``model`` (use it no more)."""
     from modelopt.torch.export import export_hf_checkpoint
 
+    target = EXPORT_DTYPES[dtype]
+    # ModelOpt's dtype argument does not cast the tensors it leaves unquantized (embeddings, norms,
+    # lm_head): they keep the model's dtype, so the model is cast first (the calibrated amax buffers
+    # travel with it). Export already rewrites the model's weights in place, so this costs nothing.
+    model.to(target)
+    model.config.dtype = target  # config.json says what the tensors are (loaders cast by it)
     with torch.inference_mode():
-        export_hf_checkpoint(model, export_dir=dest)
+        export_hf_checkpoint(model, dtype=target, export_dir=dest)
 
 
 def export_trtllm(model: Any, dest: Path, tp: int, pp: int) -> None:

@@ -41,6 +41,10 @@ def _validate(stage: Any) -> None:
         raise OperatorError(
             f"export_trtllm needs a ModelOpt format; {stage.format!r} targets the OpenVINO CPU runtime"
         )
+    if stage.format in NNCF_FORMATS and stage.export_dtype is not None:
+        raise OperatorError(
+            f"export_dtype is a ModelOpt export option; {stage.format!r} writes an OpenVINO IR (drop it)"
+        )
     if stage.format in NNCF_FORMATS and stage.kv_cache_dtype != "none":
         raise OperatorError(f"kv_cache_dtype={stage.kv_cache_dtype!r} is a ModelOpt option; use none")
     if stage.calibration is None and (stage.format not in NNCF_FORMATS or stage.gate.dataset is None):
@@ -92,7 +96,7 @@ def _export_modelopt(ctx: StageContext, stage: Any, model: Any, tokenizer: Any) 
     from forgeline_operators.quantize import _modelopt as mo
 
     out = ctx.output_dir / "checkpoint"
-    mo.export_hf(model, out)
+    mo.export_hf(model, out, stage.export_dtype or mo.DEFAULT_EXPORT_DTYPE)
     tokenizer.save_pretrained(str(out))  # a checkpoint serving stacks can load on its own
     outputs = {"checkpoint": out}
     if stage.export_trtllm is not None:
@@ -146,6 +150,10 @@ def run(ctx: StageContext) -> StageResult:
     }
     metrics.update(sizes)
     ctx.log_metrics(sizes)
+    if stage.format not in NNCF_FORMATS:
+        from forgeline_operators.quantize._modelopt import DEFAULT_EXPORT_DTYPE
+
+        provenance["export_dtype"] = stage.export_dtype or DEFAULT_EXPORT_DTYPE
     meta = {"format": stage.format, "parent": stage.model, **provenance, **_algo(outputs), "metrics": metrics}
     (outputs["checkpoint"] / META).write_text(json.dumps(meta, indent=2) + "\n")
     ctx.set_tags(
