@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from forgeline.cli import app
 from forgeline.registry import default_registry
-from forgeline.spec._models import DeployStage, SchedulerSpec
+from forgeline.spec._models import DeployStage, SchedulerSpec, ServeStage
 from forgeline_operators.deploy.endpoint import EndpointRecord, _write_record, list_endpoints, pid_alive
 from forgeline_operators.deploy.front import FrontSettings, create_app, sse_events
 from forgeline_operators.deploy.loadgen import LoadSpec, percentile, workload
@@ -26,8 +26,11 @@ from forgeline_operators.serve.repository import (
     MANIFEST,
     AdapterRef,
     OpenvinoModelSpec,
+    SpeculativeRef,
+    adapter_ref,
     build_openvino_repository,
     openvino_config,
+    router_config,
 )
 
 GOLDEN = """\
@@ -85,35 +88,125 @@ def test_openvino_config_golden(tmp_path: Path) -> None:
     assert openvino_config(_spec(tmp_path)) == GOLDEN
 
 
-def test_repository_layout(tmp_path: Path) -> None:
-    ir = tmp_path / "ir"
-    ir.mkdir()
+def _fake_ir(path: Path) -> Path:
+    path.mkdir()
     for name in (
         "openvino_model.xml",
         "openvino_model.bin",
         "openvino_tokenizer.xml",
         "openvino_detokenizer.xml",
     ):
-        (ir / name).write_text(name)
+        (path / name).write_text(name)
+    return path
+
+
+ENGINE_FILES = [
+    "1/engine/openvino_detokenizer.xml",
+    "1/engine/openvino_model.bin",
+    "1/engine/openvino_model.xml",
+    "1/engine/openvino_tokenizer.xml",
+    "1/model.py",
+    "config.pbtxt",
+]
+
+
+def test_repository_layout(tmp_path: Path) -> None:
+    ir = _fake_ir(tmp_path / "ir")
+    repo = build_openvino_repository(tmp_path / "plain", ir, OpenvinoModelSpec(name="llm"))
+    files = sorted(str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_file())
+    assert files == [MANIFEST, *(f"llm/{f}" for f in ENGINE_FILES)]
+    assert json.loads((repo / MANIFEST).read_text())["served_model"] == "llm"
+    with pytest.raises(ValueError, match="not an OpenVINO IR"):
+        build_openvino_repository(tmp_path / "r2", tmp_path, OpenvinoModelSpec(name="llm"))
+
+
+def test_repository_with_adapters_routes_to_one_engine_per_adapter(tmp_path: Path) -> None:
+    ir = _fake_ir(tmp_path / "ir")
+    draft = _fake_ir(tmp_path / "draft")
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_model.safetensors").write_bytes(b"lora")
-    spec = OpenvinoModelSpec(name="llm", adapters={"sql": AdapterRef(adapter, 2.0)})
+    spec = OpenvinoModelSpec(
+        name="llm", adapters={"sql": AdapterRef(adapter, 2.0)}, speculative=SpeculativeRef(draft, 3)
+    )
     repo = build_openvino_repository(tmp_path / "repo", ir, spec)
     files = sorted(str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_file())
-    assert files == [
-        MANIFEST,
-        "llm/1/adapters/sql/adapter_model.safetensors",
-        "llm/1/engine/openvino_detokenizer.xml",
-        "llm/1/engine/openvino_model.bin",
-        "llm/1/engine/openvino_model.xml",
-        "llm/1/engine/openvino_tokenizer.xml",
-        "llm/1/model.py",
-        "llm/config.pbtxt",
-    ]
-    assert json.loads((repo / MANIFEST).read_text())["served_model"] == "llm"
-    with pytest.raises(ValueError, match="not an OpenVINO IR"):
-        build_openvino_repository(tmp_path / "r2", adapter, spec)
+    draft_files = [f.replace("engine", "draft") for f in ENGINE_FILES[:4]]
+    engine = sorted([*ENGINE_FILES, *draft_files])
+    assert files == sorted(
+        [
+            MANIFEST,
+            "llm/1/model.py",
+            "llm/config.pbtxt",
+            *(f"llm__base/{f}" for f in engine),
+            *(f"llm__sql/{f}" for f in engine),
+            "llm__sql/1/adapters/sql/adapter_model.safetensors",
+        ]
+    )
+    manifest = json.loads((repo / MANIFEST).read_text())
+    assert manifest["models"] == ["llm", "llm__base", "llm__sql"]
+    assert manifest["adapters"] == ["sql"] and manifest["speculative"] == {"num_assistant_tokens": 3}
+    assert manifest["routes"] == {"": "llm__base", "sql": "llm__sql"}
+    assert (repo / "llm/1/model.py").read_text().startswith('"""Triton python-backend model that routes')
+    router = (repo / "llm/config.pbtxt").read_text()
+    assert router == router_config("llm", {"": "llm__base", "sql": "llm__sql"})
+    routes = json.dumps(json.dumps({"": "llm__base", "sql": "llm__sql"}))
+    assert f'parameters {{ key: "routes" value: {{ string_value: {routes} }} }}' in router
+    sql = (repo / "llm__sql/config.pbtxt").read_text()
+    assert 'name: "llm__sql"' in sql and '\\"sql\\"' in sql and "draft_model" in sql
+    base = (repo / "llm__base/config.pbtxt").read_text()
+    assert json.dumps(json.dumps({})) in base
+    assert 'key: "num_assistant_tokens" value: { string_value: "3" }' in base
+    # The IR is shared, not copied: the engines hard-link the same files.
+    assert (repo / "llm__base/1/engine/openvino_model.bin").stat().st_ino == (
+        ir / "openvino_model.bin"
+    ).stat().st_ino
+
+
+def _adapter_dir(tmp: Path, **config: object) -> Path:
+    tmp.mkdir()
+    (tmp / "adapter_model.safetensors").write_bytes(b"w")
+    (tmp / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", **config}))
+    return tmp
+
+
+def test_adapter_ref_scale_and_errors(tmp_path: Path) -> None:
+    assert adapter_ref(_adapter_dir(tmp_path / "a", r=8, lora_alpha=16)).alpha == 2.0
+    assert adapter_ref(_adapter_dir(tmp_path / "b", r=16, lora_alpha=8, use_rslora=True)).alpha == 2.0
+    with pytest.raises(ValueError, match="rank_pattern"):
+        adapter_ref(_adapter_dir(tmp_path / "c", r=8, lora_alpha=16, rank_pattern={"q_proj": 4}))
+    with pytest.raises(ValueError, match="not a PEFT LoRA adapter"):
+        adapter_ref(tmp_path)
+    with pytest.raises(ValueError, match="only LoRA"):
+        adapter_ref(_adapter_dir(tmp_path / "d", peft_type="IA3", r=1, lora_alpha=1))
+
+
+def test_serve_stage_adapters_and_speculative_are_refs() -> None:
+    stage = ServeStage.model_validate(
+        {
+            "name": "s",
+            "kind": "serve",
+            "model": "${stages.b.outputs.artifact}",
+            "adapters": {"sql": "${stages.sft.outputs.adapter}"},
+            "speculative": {"draft": "builtin://tiny-llama", "num_assistant_tokens": 4},
+        }
+    )
+    assert stage.refs() == {
+        "model": "${stages.b.outputs.artifact}",
+        "adapters.sql": "${stages.sft.outputs.adapter}",
+        "speculative.draft": "builtin://tiny-llama",
+    }
+    with pytest.raises(ValueError):
+        ServeStage.model_validate({"name": "s", "kind": "serve", "model": "x", "adapters": {"bad name": "y"}})
+    with pytest.raises(ValueError):
+        ServeStage.model_validate(
+            {
+                "name": "s",
+                "kind": "serve",
+                "model": "x",
+                "speculative": {"draft": "y", "num_assistant_tokens": 0},
+            }
+        )
 
 
 def test_percentile_matches_numpy_and_workload_is_seeded() -> None:

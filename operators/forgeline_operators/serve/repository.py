@@ -4,6 +4,11 @@ Pure functions: :func:`openvino_config` renders ``config.pbtxt`` from the typed 
 (golden-tested); :func:`build_openvino_repository` lays out ``<name>/config.pbtxt``,
 ``<name>/1/model.py`` (:mod:`.triton_model`, copied verbatim) and ``<name>/1/engine/`` (the OpenVINO
 IR with its tokenizer), plus ``forgeline-repository.json`` describing what was built.
+
+With LoRA adapters, ``<name>`` is the router of :mod:`.lora_router` and the engines are
+``<name>__base`` and one ``<name>__<adapter>`` per adapter (OpenVINO GenAI's step API cannot switch
+adapters per request, see that module); the engines share the IR through hard links. A draft model
+for speculative decoding is copied to ``<engine>/1/draft/``.
 """
 
 from __future__ import annotations
@@ -12,24 +17,30 @@ import json
 import os
 import shutil
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from forgeline.spec._models import SchedulerSpec
 
 __all__ = [
+    "BASE_SUFFIX",
     "INPUTS",
     "MANIFEST",
     "OUTPUTS",
     "AdapterRef",
     "OpenvinoModelSpec",
+    "SpeculativeRef",
+    "adapter_ref",
     "build_openvino_repository",
     "is_openvino_ir",
     "openvino_config",
+    "router_config",
 ]
 
 MANIFEST = "forgeline-repository.json"
 MODEL_PY = Path(__file__).with_name("triton_model.py")
+ROUTER_PY = Path(__file__).with_name("lora_router.py")
+BASE_SUFFIX = "__base"
 
 # (name, Triton type, dims); every input is optional.
 INPUTS: tuple[tuple[str, str, str], ...] = (
@@ -63,6 +74,39 @@ class AdapterRef:
 
 
 @dataclass(frozen=True)
+class SpeculativeRef:
+    """A draft model (OpenVINO IR) and how many tokens it proposes per step."""
+
+    path: Path
+    num_assistant_tokens: int = 5
+
+
+def adapter_ref(adapter_dir: Path) -> AdapterRef:
+    """A PEFT LoRA directory as served: its weights and the scale PEFT applies (``lora_alpha / r``).
+
+    OpenVINO GenAI reads only the safetensors, never ``adapter_config.json``: the scale must be passed
+    explicitly (alpha 1.0 silently gives near-base output).
+    """
+    config_path = adapter_dir / "adapter_config.json"
+    if not (adapter_dir / "adapter_model.safetensors").is_file() or not config_path.is_file():
+        raise ValueError(
+            f"{adapter_dir} is not a PEFT LoRA adapter (needs adapter_config.json and "
+            "adapter_model.safetensors); reference a finetune stage's `adapter` output"
+        )
+    config = json.loads(config_path.read_text())
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{adapter_dir} is a {config['peft_type']} adapter; only LoRA is served")
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise ValueError(
+            f"{adapter_dir} uses per-module rank_pattern/alpha_pattern; the runtime applies one scale "
+            "per adapter: merge it (finetune `merge: true`) and serve the merged model instead"
+        )
+    r, lora_alpha = int(config["r"]), float(config["lora_alpha"])
+    scale = lora_alpha / r**0.5 if config.get("use_rslora") else lora_alpha / r
+    return AdapterRef(adapter_dir, alpha=scale)
+
+
+@dataclass(frozen=True)
 class OpenvinoModelSpec:
     """What the CPU model needs beyond the IR: batching limits, precision, threads, adapters."""
 
@@ -72,6 +116,7 @@ class OpenvinoModelSpec:
     precision: str = "f32"  # INFERENCE_PRECISION_HINT and KV_CACHE_PRECISION; f32 is bit-exact vs HF
     num_kv_blocks: int = 512  # used when scheduler.kv_cache_gb is unset (block = 32 tokens)
     adapters: Mapping[str, AdapterRef] = field(default_factory=dict)
+    speculative: SpeculativeRef | None = None
     # Streaming responses per second, all live requests together: each one is an IPC round trip plus
     # an SSE event in Triton, the front and the client, so under load several tokens share one.
     max_stream_events_per_s: float = 500.0
@@ -109,6 +154,11 @@ def openvino_config(spec: OpenvinoModelSpec) -> str:
         "inference_precision": spec.precision,
         "kv_cache_precision": spec.precision,
         "max_stream_events_per_s": f"{spec.max_stream_events_per_s:g}",
+        **(
+            {"draft_model": "draft", "num_assistant_tokens": str(spec.speculative.num_assistant_tokens)}
+            if spec.speculative
+            else {}
+        ),
         "adapters": json.dumps(
             {
                 n: {"path": f"adapters/{n}/adapter_model.safetensors", "alpha": a.alpha}
@@ -129,6 +179,20 @@ def openvino_config(spec: OpenvinoModelSpec) -> str:
     )
 
 
+def router_config(name: str, routes: Mapping[str, str]) -> str:
+    """``config.pbtxt`` of the LoRA router: the engine's I/O, ``routes`` = adapter ("" = base) → model."""
+    return (
+        f'name: "{name}"\n'
+        'backend: "python"\n'
+        "max_batch_size: 0\n"
+        "model_transaction_policy { decoupled: true }\n"
+        + _io("input", INPUTS, optional=True)
+        + _io("output", OUTPUTS, optional=False)
+        + "instance_group [ { kind: KIND_CPU count: 1 } ]\n"
+        + _params({"routes": json.dumps(dict(sorted(routes.items())), sort_keys=True)})
+    )
+
+
 def _copy_tree(src: Path, dst: Path) -> None:
     def link_or_copy(a: str, b: str) -> None:
         try:
@@ -139,25 +203,51 @@ def _copy_tree(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, copy_function=link_or_copy)
 
 
-def build_openvino_repository(dest: Path, engine_dir: Path, spec: OpenvinoModelSpec) -> Path:
-    """Write a model repository serving ``engine_dir`` (an OpenVINO IR + tokenizer) under ``dest``."""
-    if not is_openvino_ir(engine_dir):
-        raise ValueError(f"{engine_dir} is not an OpenVINO IR with its tokenizer (openvino_*.xml)")
+def _engine_model(dest: Path, engine_dir: Path, spec: OpenvinoModelSpec) -> None:
     version = dest / spec.name / "1"
     version.mkdir(parents=True, exist_ok=False)
     (dest / spec.name / "config.pbtxt").write_text(openvino_config(spec))
     shutil.copyfile(MODEL_PY, version / "model.py")
     _copy_tree(engine_dir, version / "engine")
+    if spec.speculative is not None:
+        _copy_tree(spec.speculative.path, version / "draft")
     for name, adapter in sorted(spec.adapters.items()):
         target = version / "adapters" / name
         target.mkdir(parents=True)
         shutil.copyfile(adapter.path / "adapter_model.safetensors", target / "adapter_model.safetensors")
+
+
+def build_openvino_repository(dest: Path, engine_dir: Path, spec: OpenvinoModelSpec) -> Path:
+    """Write a model repository serving ``engine_dir`` (an OpenVINO IR + tokenizer) under ``dest``."""
+    if not is_openvino_ir(engine_dir):
+        raise ValueError(f"{engine_dir} is not an OpenVINO IR with its tokenizer (openvino_*.xml)")
+    if spec.speculative is not None and not is_openvino_ir(spec.speculative.path):
+        raise ValueError(f"draft model {spec.speculative.path} is not an OpenVINO IR with its tokenizer")
+    routes: dict[str, str] = {}
+    if not spec.adapters:
+        _engine_model(dest, engine_dir, spec)
+        models = [spec.name]
+    else:
+        routes[""] = spec.name + BASE_SUFFIX
+        _engine_model(dest, engine_dir, replace(spec, name=routes[""], adapters={}))
+        for name, adapter in sorted(spec.adapters.items()):
+            routes[name] = f"{spec.name}__{name}"
+            _engine_model(dest, engine_dir, replace(spec, name=routes[name], adapters={name: adapter}))
+        router = dest / spec.name
+        (router / "1").mkdir(parents=True)
+        (router / "config.pbtxt").write_text(router_config(spec.name, routes))
+        shutil.copyfile(ROUTER_PY, router / "1" / "model.py")
+        models = [spec.name, *sorted(routes.values())]
     manifest = {
         "runtime": "triton",
         "engine": "openvino",
-        "models": [spec.name],
+        "models": models,
         "served_model": spec.name,
         "adapters": sorted(spec.adapters),
+        "routes": routes,  # adapter ("" = base) → engine model, for a front that skips the router
+        "speculative": (
+            {"num_assistant_tokens": spec.speculative.num_assistant_tokens} if spec.speculative else None
+        ),
     }
     (dest / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return dest

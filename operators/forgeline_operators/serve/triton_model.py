@@ -155,7 +155,24 @@ class TritonPythonModel:
                 self._adapters[aname] = (ov_genai.Adapter(str(path)), float(spec.get("alpha", 1.0)))
             # The pipeline must know every adapter up front; each request then picks its own weights.
             properties["adapters"] = ov_genai.AdapterConfig([(a, 0.0) for a, _ in self._adapters.values()])
+        # Speculative decoding (forgeline serve.speculative): the draft proposes num_assistant_tokens per
+        # step; with a draft, a request must set it (the pipeline rejects one that does not).
+        self._draft_tokens = int(_param(params, "num_assistant_tokens", "0"))
+        draft = _param(params, "draft_model", "")
+        if draft:
+            draft_props = {k: v for k, v in properties.items() if k != "adapters"}
+            properties["draft_model"] = ov_genai.draft_model(str(version_dir / draft), "CPU", **draft_props)
         self.pipe = ov_genai.ContinuousBatchingPipeline(str(engine_dir), sched, "CPU", properties)
+        if self._adapters:
+            # add_request()/step() ignore a request's adapters (OpenVINO GenAI 2026.4): only generate()
+            # applies them, and they then hold for every later step. So each engine model serves one
+            # adapter (forgeline serve/lora_router.py routes by lora_name), applied here once.
+            warm = ov_genai.GenerationConfig()
+            warm.max_new_tokens = 1
+            warm.adapters = ov_genai.AdapterConfig(list(self._adapters.values()))
+            if self._draft_tokens:
+                warm.num_assistant_tokens = self._draft_tokens
+            self.pipe.generate(["warm-up"], [warm])
         self.tokenizer = self.pipe.get_tokenizer()
         self._decode = _decoder(engine_dir, self.tokenizer)
         self._eos = int(self.pipe.get_config().eos_token_id)
@@ -220,6 +237,8 @@ class TritonPythonModel:
         cfg.max_new_tokens = int(max_tokens) if max_tokens else DEFAULT_MAX_TOKENS
         cfg.apply_chat_template = False
         cfg.eos_token_id = self._eos
+        if self._draft_tokens:
+            cfg.num_assistant_tokens = self._draft_tokens
         temperature = _scalar(request, "temperature")
         if temperature is not None and float(temperature) > 0:
             cfg.do_sample = True
