@@ -36,11 +36,58 @@ def operator_specs() -> list[OperatorSpec]:
             description="SFT, LoRA, QLoRA (bitsandbytes NF4) and DPO with trl + peft; dp over Ray Train.",
         ),
         OperatorSpec(
+            kind="finetune",
+            backend="megatron",
+            entrypoint="forgeline_operators.finetune.megatron.operator:run",
+            version="1",
+            capabilities=Capabilities(
+                cpu=True,
+                gpu=True,
+                data_parallel=True,
+                tensor_parallel=True,
+                pipeline_parallel=True,
+                spawns_workers=True,
+            ),
+            description="megatron-core GPTModel SFT / TP-aware LoRA; TP x PP x DP on Ray Train; HF/PEFT out.",
+        ),
+        OperatorSpec(
+            kind="finetune",
+            backend="nemo",
+            entrypoint="forgeline_operators.finetune.nemo.operator:run",
+            version="1",
+            capabilities=Capabilities(
+                cpu=False,
+                gpu=True,
+                requires_gpu=True,
+                data_parallel=True,
+                tensor_parallel=True,
+                pipeline_parallel=True,
+                # The GPUs belong to the container job it submits; the stage task only coordinates.
+                spawns_workers=True,
+            ),
+            description="NeMo containers: Megatron-Bridge SFT/LoRA, NeMo-RL DPO; Ray job, RayJob or Job.",
+            describe="forgeline_operators.finetune.nemo.describe:describe",
+        ),
+        OperatorSpec(
             kind="quantize",
             entrypoint="forgeline_operators.quantize.operator:run",
             version="1",
             capabilities=Capabilities(cpu=True, gpu=True, gpu_only_options=frozenset({"nvfp4"})),
             description="ModelOpt PTQ (HF + TRT-LLM checkpoints) or NNCF OpenVINO weight compression; gated.",
+        ),
+        OperatorSpec(
+            kind="distill",
+            entrypoint="forgeline_operators.quantize.distill:run",
+            version="1",
+            capabilities=Capabilities(cpu=True, gpu=False),
+            description="Distillation: KL on T-scaled teacher logits (+ hard labels) into a student.",
+        ),
+        OperatorSpec(
+            kind="prune",
+            entrypoint="forgeline_operators.quantize.prune:run",
+            version="1",
+            capabilities=Capabilities(cpu=True, gpu=False),
+            description="Structured pruning (MLP width, GQA-consistent heads, depth) by activation score.",
         ),
         OperatorSpec(
             kind="build",
@@ -69,9 +116,12 @@ def operator_specs() -> list[OperatorSpec]:
         OperatorSpec(
             kind="serve",
             entrypoint="forgeline_operators.serve.operator:run",
-            version="1",
-            capabilities=Capabilities(cpu=True, gpu=False),
-            description="Triton model repository: OpenVINO GenAI continuous batching in a python model.",
+            version="2",
+            capabilities=Capabilities(cpu=True, gpu=True),
+            description=(
+                "Triton model repository: OpenVINO GenAI continuous batching in a python model (CPU), "
+                "TensorRT-LLM inflight_batcher_llm / llmapi (GPU)."
+            ),
         ),
         OperatorSpec(
             kind="deploy",

@@ -308,11 +308,11 @@ def test_schema_is_valid_json_schema() -> None:
     jsonschema.Draft202012Validator.check_schema(s)
 
 
-def test_schema_discriminates_stages_on_kind_for_all_eight_kinds() -> None:
+def test_schema_discriminates_stages_on_kind_for_all_ten_kinds() -> None:
     items = schema()["properties"]["stages"]["items"]
     assert items["discriminator"]["propertyName"] == "kind"
     mapping = items["discriminator"]["mapping"]
-    assert set(mapping) == set(STAGE_CLASSES) and len(mapping) == 8
+    assert set(mapping) == set(STAGE_CLASSES) and len(mapping) == 10
     assert {ref["$ref"] for ref in items["oneOf"]} == set(mapping.values())
 
 

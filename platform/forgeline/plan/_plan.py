@@ -29,10 +29,12 @@ from forgeline.registry import OperatorRegistry, OperatorSpec
 from forgeline.spec import (
     BASE_MODEL_REF,
     BuildStage,
+    DistillStage,
     EvaluateStage,
     FinetuneStage,
     LoadedWorkflow,
     Problem,
+    PruneStage,
     QuantizeStage,
     StageBase,
     Workflow,
@@ -64,6 +66,7 @@ class StagePlan:
     reasons: list[str] = field(default_factory=list)  # why it would (not) run
     problems: list[Problem] = field(default_factory=list)  # block the run
     warnings: list[str] = field(default_factory=list)
+    launch: list[str] = field(default_factory=list)  # what the operator would launch, where (describe hook)
 
     @property
     def total_cpus(self) -> float:
@@ -105,6 +108,7 @@ class StagePlan:
             "reasons": self.reasons,
             "problems": [str(p) for p in self.problems],
             "warnings": self.warnings,
+            "launch": self.launch,
         }
 
 
@@ -233,6 +237,7 @@ class Planner:
             sp.warnings.extend(self._unpinned(stage))
             self._estimate(stage, sp)
             self._check(stage, sp, host_mem)
+            self._describe(stage, sp)
             ki = None
             try:
                 ki = self.key_inputs(stage, records)
@@ -399,6 +404,23 @@ class Planner:
         elif isinstance(stage, QuantizeStage):
             seq = stage.calibration.max_seq_len if stage.calibration else 256
             sp.memory = inference_memory(shape, "fp32" if res.device == "cpu" else "bf16", seq, 1)
+        elif isinstance(stage, DistillStage):
+            sp.memory = distill_memory(shape, stage.training.max_seq_len, stage.training.micro_batch_size)
+        elif isinstance(stage, PruneStage):
+            # The model, its importance hooks' activations and the pruned copy (at most as large).
+            sp.memory = inference_memory(shape, "fp32", stage.calibration.max_seq_len, 1)
+            sp.memory.parts["pruned copy (<= weights)"] = shape.parameters * 4
+            sp.memory.per_device_bytes += shape.parameters * 4
+
+    def _describe(self, stage: StageBase, sp: StagePlan) -> None:
+        """The operator's own account of what it would launch; its ValueError blocks the run."""
+        hook = sp.operator.load_describe() if sp.operator else None
+        if hook is None:
+            return
+        try:
+            sp.launch = hook(stage, self.workflow)
+        except ValueError as e:
+            sp.problems.append(self.loaded.source.problem(f"stages[{sp.index}]", str(e)))
 
     def _check(self, stage: StageBase, sp: StagePlan, host_mem: int) -> None:
         at = f"stages[{sp.index}]"
@@ -420,6 +442,8 @@ class Planner:
             return
         caps = op.capabilities
         label = sp.kind + (f" ({sp.backend})" if sp.backend else "")  # not "evaluate (None)"
+        if isinstance(stage, BuildStage) and stage.engine == "tensorrt-llm":
+            sp.warnings.extend(_engine_key_notes(stage))
         if res.device == "cpu" and caps.requires_gpu:
             sp.problems.append(src.problem(f"{at}.kind", f"{label} needs a GPU", "set resources.device: gpu"))
         if res.device == "gpu" and not caps.gpu:
@@ -481,6 +505,46 @@ def _dataset_size(path: Path) -> tuple[int, int]:
             if line.strip():
                 rows += 1
     return rows, path.stat().st_size
+
+
+def _engine_key_notes(stage: BuildStage) -> list[str]:
+    """What the TRT-LLM engine cache key will use where the planning machine cannot detect it."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt_llm") is not None:
+        return []
+    spec = stage.tensorrt_llm
+    version = spec.version if spec and spec.version else None
+    arch = spec.gpu_arch if spec and spec.gpu_arch else None
+    return [
+        "engine cache key: tensorrt_llm is not installed here, so the key uses "
+        + (f"the declared TensorRT-LLM {version}" if version else "the default TensorRT-LLM release (1.2)")
+        + " and "
+        + (f"the declared gpu_arch {arch}" if arch else "an undeclared GPU arch (set tensorrt_llm.gpu_arch)")
+        + "; the build node checks both against what it has"
+    ]
+
+
+def distill_memory(shape: ModelShape, seq_len: int, micro_batch: int) -> MemoryEstimate:
+    """Upper bound for a distill stage (fp32, CPU): the student trained as a full model no larger than
+    the teacher (its shape is known only after pruning / layer copying), plus the frozen teacher."""
+    est = finetune_memory(
+        shape,
+        "sft",
+        precision="fp32",
+        lora_r=None,
+        lora_targets="all-linear",
+        lora_for_dpo=False,
+        double_quant=True,
+        seq_len=seq_len,
+        micro_batch=micro_batch,
+        gradient_checkpointing=False,
+        tp=1,
+        pp=1,
+    )
+    est.parts["teacher (frozen) + its logits"] = shape.parameters * 4 + est.parts.get("logits", 0) // 2
+    est.notes.append("student sized as the teacher (upper bound)")
+    return MemoryEstimate(sum(est.parts.values()), est.parts, est.notes)
 
 
 def _kind(stage: StageBase) -> str:

@@ -25,9 +25,11 @@ from forgeline.spec._errors import Problem, WorkflowError, did_you_mean
 from forgeline.spec._models import (
     BASE_MODEL_REF,
     STAGE_CLASSES,
+    DistillStage,
     EvaluateStage,
     FinetuneStage,
     PromoteStage,
+    PruneStage,
     Stage,
     StageBase,
     Workflow,
@@ -357,6 +359,14 @@ def _semantic_problems(
                             f"{' or '.join(map(repr, allowed))}; {ds_name!r} is {fmt!r}",
                         )
                     )
+            # Distillation and pruning score token sequences: preference pairs have no single one.
+            if isinstance(stage, DistillStage | PruneStage) and fmt not in ("sft", "text"):
+                problems.append(
+                    smap.problem(
+                        f"{at}.{fpath}",
+                        f"{stage.kind} needs a dataset of format 'sft' or 'text'; {ds_name!r} is {fmt!r}",
+                    )
+                )
         if isinstance(stage, EvaluateStage) and stage.gates.max_regression_vs is not None:
             target = stage.gates.max_regression_vs
             fpath = f"{at}.gates.max_regression_vs"
@@ -367,12 +377,12 @@ def _semantic_problems(
                     smap.problem(fpath, f"unknown stage {target!r}", did_you_mean(target, [*known, "base"]))
                 )
                 ref = None
-            elif kinds.get(target) not in ("finetune", "quantize"):
+            elif kinds.get(target) not in ("finetune", "quantize", "distill", "prune"):
                 problems.append(
                     smap.problem(
                         fpath,
                         f"stage {target!r} (kind {kinds.get(target)!r}) produces no model; "
-                        "compare against 'base' or a finetune/quantize stage",
+                        "compare against 'base' or a finetune/quantize/distill/prune stage",
                     )
                 )
                 ref = None

@@ -211,6 +211,50 @@ class ParallelismSpec(StrictModel):
         return self.tp * self.pp * self.dp
 
 
+class NemoSpec(StrictModel):
+    image: str | None = Field(
+        default=None,
+        description=(
+            "Container image (default: the pinned NGC image: NeMo Framework for sft/lora, NeMo-RL for dpo)."
+        ),
+        min_length=1,
+    )
+    recipe: str | None = Field(
+        default=None,
+        description="Megatron-Bridge recipe for sft/lora (default: from the model name, e.g. llama3_70b).",
+        pattern=r"^[a-z0-9_]+$",
+    )
+    overrides: dict[str, str | int | float | bool] = Field(
+        default_factory=dict,
+        description=(
+            "Extra trainer keys (Megatron-Bridge ConfigContainer `section.field` for sft/lora, NeMo-RL "
+            "config paths for dpo), checked against the trainer's keys before anything runs."
+        ),
+    )
+    gpus_per_node: int = Field(default=8, ge=1, description="GPUs per node of the cluster the job runs on.")
+    shared_dir: str | None = Field(
+        default=None,
+        description=(
+            "Directory every node sees at the same path (job files, data, checkpoints; default: the "
+            "stage's work directory, single-node only)."
+        ),
+    )
+    pvc: str | None = Field(
+        default=None,
+        description="PersistentVolumeClaim mounted at shared_dir on the kubernetes target.",
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+    )
+    namespace: str = Field(
+        default="default",
+        description="Kubernetes namespace of the RayJob / Job.",
+        pattern=r"^[a-z0-9-]{1,63}$",
+    )
+    launcher: Literal["rayjob", "job"] = Field(
+        default="rayjob",
+        description="On the kubernetes target: a KubeRay RayJob or an indexed Kubernetes Job (torchrun).",
+    )
+
+
 class FinetuneStage(StageBase):
     ref_fields: ClassVar[tuple[str, ...]] = ("base",)
     dataset_fields: ClassVar[tuple[str, ...]] = ("dataset", "eval_dataset")
@@ -240,6 +284,24 @@ class FinetuneStage(StageBase):
     merge: bool | None = Field(
         default=None, description="Also write the merged HF checkpoint (default: true for adapters)."
     )
+    nemo: NemoSpec | None = Field(
+        default=None, description="NeMo container job settings (backend nemo): image, recipe, overrides."
+    )
+    qat: QatSpec | None = Field(
+        default=None,
+        description="Quantization-aware training (ModelOpt): quantize, calibrate, then train (hf, sft).",
+    )
+
+    @model_validator(mode="after")
+    def _qat_settings(self) -> FinetuneStage:
+        if self.qat is not None and (self.backend != "hf" or self.method != "sft"):
+            raise ValueError(
+                "`qat` runs with backend 'hf' and method 'sft' (full weights); "
+                f"got backend {self.backend!r}, method {self.method!r}"
+            )
+        if self.qat is not None and self.parallelism.world_size > 1:
+            raise ValueError("`qat` runs on one worker (parallelism dp = tp = pp = 1)")
+        return self
 
     @model_validator(mode="after")
     def _method_settings(self) -> FinetuneStage:
@@ -249,6 +311,12 @@ class FinetuneStage(StageBase):
             raise ValueError(f"`qlora` settings were given for method {self.method!r}; use method: qlora")
         if self.method != "dpo" and self.dpo is not None:
             raise ValueError(f"`dpo` settings were given for method {self.method!r}; use method: dpo")
+        if self.nemo is not None and self.backend != "nemo":
+            raise ValueError(f"`nemo` settings were given for backend {self.backend!r}; use backend: nemo")
+        if self.backend == "nemo" and self.method == "qlora":
+            raise ValueError(
+                "backend nemo has no qlora (NeMo trainers do LoRA on bf16 weights); use method: lora"
+            )
         return self
 
     def refs(self) -> dict[str, str]:
@@ -342,6 +410,28 @@ class QuantizeGate(StrictModel):
     dataset: str | None = Field(default=None, description="Held-out dataset for the gate (default: calib).")
 
 
+class QatSpec(StrictModel):
+    format: Literal["fp8", "int8_sq", "int8", "int4_awq", "w4a8_awq"] = Field(
+        description="ModelOpt format simulated during training and exported (as the quantize stage does)."
+    )
+    calibration_samples: int = Field(
+        default=64, ge=1, description="Training rows the quantizer scales are calibrated on before training."
+    )
+    gate: QuantizeGate = Field(
+        default_factory=QuantizeGate,
+        description="Gate of the trained quantized model vs the starting model, on the eval rows.",
+    )
+    export_dtype: Literal["bf16", "fp16", "fp32"] = Field(
+        default="bf16", description="dtype of the export's unquantized tensors (bf16: what TRT-LLM expects)."
+    )
+
+    @model_validator(mode="after")
+    def _no_gate_dataset(self) -> QatSpec:
+        if self.gate.dataset is not None:
+            raise ValueError("qat.gate.dataset: the gate scores the eval rows; set eval_dataset instead")
+        return self
+
+
 class TrtllmExportSpec(StrictModel):
     tp: int = Field(default=1, ge=1, description="Tensor-parallel shards of the TRT-LLM checkpoint.")
     pp: int = Field(default=1, ge=1, description="Pipeline-parallel shards of the TRT-LLM checkpoint.")
@@ -363,6 +453,10 @@ class QuantizeStage(StageBase):
     export_trtllm: TrtllmExportSpec | None = Field(
         default=None, description="Also export a TP/PP-sharded TRT-LLM checkpoint (legacy engine path)."
     )
+    export_dtype: Literal["bf16", "fp16", "fp32"] | None = Field(
+        default=None,
+        description="dtype of a ModelOpt export's unquantized tensors (default bf16, what TRT-LLM expects).",
+    )
 
     def refs(self) -> dict[str, str]:
         return {"model": self.model}
@@ -373,6 +467,131 @@ class QuantizeStage(StageBase):
             out["calibration.dataset"] = self.calibration.dataset
         if self.gate.dataset:
             out["gate.dataset"] = self.gate.dataset
+        return out
+
+
+# ----------------------------------------------------------------------------- distill and prune
+
+
+class StudentShapeSpec(StrictModel):
+    num_hidden_layers: int = Field(
+        ge=1, description="Decoder layers of the student, copied from the teacher."
+    )
+    layers: list[int] | None = Field(
+        default=None,
+        description="Teacher layer indices to copy, in order (default: evenly spaced, first and last kept).",
+    )
+
+    @model_validator(mode="after")
+    def _layers_match(self) -> StudentShapeSpec:
+        if self.layers is not None and len(self.layers) != self.num_hidden_layers:
+            raise ValueError(
+                f"`layers` lists {len(self.layers)} indices but num_hidden_layers is {self.num_hidden_layers}"
+            )
+        if self.layers is not None and len(set(self.layers)) != len(self.layers):
+            raise ValueError("`layers` repeats a teacher layer index")
+        return self
+
+
+class DistillSpec(StrictModel):
+    temperature: float = Field(default=2.0, gt=0, description="Softmax temperature T of both models' logits.")
+    kl_weight: float = Field(
+        default=1.0, ge=0, description="Weight of KL(teacher || student) on T-scaled logits, times T²."
+    )
+    hard_label_weight: float = Field(
+        default=0.0, ge=0, description="Weight of the cross-entropy on the dataset's tokens (0: soft only)."
+    )
+
+    @model_validator(mode="after")
+    def _some_loss(self) -> DistillSpec:
+        if self.kl_weight == 0 and self.hard_label_weight == 0:
+            raise ValueError("kl_weight and hard_label_weight are both 0: nothing to train on")
+        return self
+
+
+class DistillStage(StageBase):
+    ref_fields: ClassVar[tuple[str, ...]] = ("teacher", "student")
+    dataset_fields: ClassVar[tuple[str, ...]] = ("dataset", "eval_dataset")
+    outputs: ClassVar[tuple[str, ...]] = ("checkpoint",)
+    primary_output: ClassVar[str | None] = "checkpoint"
+
+    kind: Literal["distill"] = Field(description="Train a smaller student on the teacher's soft targets.")
+    teacher: Ref = Field(
+        default=BASE_MODEL_REF, description="The teacher model (default: the workflow model)."
+    )
+    student: Ref | StudentShapeSpec = Field(
+        description=(
+            "The student: a model reference (e.g. a prune stage's checkpoint), or a shape derived from "
+            "the teacher, e.g. `{num_hidden_layers: 1}` (layers copied from the teacher)."
+        )
+    )
+    dataset: str = Field(description="Name of a dataset under `data:` (format sft or text).")
+    eval_dataset: str | None = Field(
+        default=None, description="Held-out dataset for loss, perplexity and KL (default: a split)."
+    )
+    distill: DistillSpec = Field(default_factory=DistillSpec, description="Loss settings.")
+    training: TrainingSpec = Field(default_factory=TrainingSpec, description="Optimisation settings.")
+
+    @model_validator(mode="after")
+    def _supported_training(self) -> DistillStage:
+        if self.training.checkpoint_every_steps is not None:
+            raise ValueError("distill does not checkpoint mid-run; drop training.checkpoint_every_steps")
+        return self
+
+    def refs(self) -> dict[str, str]:
+        out = {"teacher": self.teacher}
+        if isinstance(self.student, str):
+            out["student"] = self.student
+        return out
+
+
+class PruneSpec(StrictModel):
+    intermediate_size: int | None = Field(
+        default=None, ge=1, description="MLP intermediate size to keep (the most important channels)."
+    )
+    num_attention_heads: int | None = Field(
+        default=None,
+        ge=1,
+        description="Query heads to keep; a multiple of num_key_value_heads (the same count per GQA group).",
+    )
+    num_hidden_layers: int | None = Field(
+        default=None, ge=1, description="Decoder layers to keep (the least important are dropped)."
+    )
+
+    @model_validator(mode="after")
+    def _something(self) -> PruneSpec:
+        if (
+            self.intermediate_size is None
+            and self.num_attention_heads is None
+            and self.num_hidden_layers is None
+        ):
+            raise ValueError("set at least one of intermediate_size, num_attention_heads, num_hidden_layers")
+        return self
+
+
+class PruneStage(StageBase):
+    ref_fields: ClassVar[tuple[str, ...]] = ("model",)
+    outputs: ClassVar[tuple[str, ...]] = ("checkpoint",)
+    primary_output: ClassVar[str | None] = "checkpoint"
+
+    kind: Literal["prune"] = Field(
+        description="Structured pruning (width and depth) by activation importance."
+    )
+    model: Ref = Field(default=BASE_MODEL_REF, description="Model to prune.")
+    target: PruneSpec = Field(description="The pruned shape: any of MLP width, attention heads, depth.")
+    calibration: CalibrationSpec = Field(description="Data the importance scores are computed on.")
+    eval_dataset: str | None = Field(
+        default=None,
+        description="Held-out dataset for perplexity before/after (default: the calibration rows not used).",
+    )
+
+    def refs(self) -> dict[str, str]:
+        return {"model": self.model}
+
+    def dataset_refs(self) -> dict[str, str]:
+        out = {"calibration.dataset": self.calibration.dataset}
+        if self.eval_dataset:
+            out["eval_dataset"] = self.eval_dataset
         return out
 
 
@@ -395,6 +614,16 @@ class TrtllmBuildSpec(StrictModel):
     lora: dict[str, int] | None = Field(default=None, description="LoRA support, e.g. {max_rank: 16}.")
     speculative_decoding: dict[str, Any] | None = Field(
         default=None, description="e.g. {mode: draft_tokens_external, max_draft_len: 4}."
+    )
+    version: str | None = Field(
+        default=None,
+        pattern=r"^\d+\.\d+(\.\S+)?$",
+        description="TensorRT-LLM release the engine is for (e.g. 1.2); default: the installed one, or 1.2.",
+    )
+    gpu_arch: str | None = Field(
+        default=None,
+        pattern=r"^sm_\d{2,3}[a-z]?$",
+        description="GPU architecture the engine is for (e.g. sm_90); default: the build node's GPU.",
     )
 
 
@@ -451,6 +680,18 @@ class SchedulerSpec(StrictModel):
     kv_cache_gb: float | None = Field(default=None, gt=0, description="KV cache size (GiB).")
 
 
+class SpeculativeSpec(StrictModel):
+    draft: Ref = Field(
+        description="Draft model sharing the served model's tokenizer (an OpenVINO IR or HF checkpoint)."
+    )
+    num_assistant_tokens: int = Field(
+        default=5, ge=1, le=32, description="Tokens the draft proposes per step; the target checks them."
+    )
+
+
+ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
 class ServeStage(StageBase):
     ref_fields: ClassVar[tuple[str, ...]] = ("model",)
     outputs: ClassVar[tuple[str, ...]] = ("repository",)
@@ -460,9 +701,23 @@ class ServeStage(StageBase):
     runtime: Literal["triton"] = Field(default="triton", description="Inference server.")
     model: Ref = Field(description="Built artifact or registered version to serve.")
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec, description="Batching limits.")
+    adapters: dict[Annotated[str, Field(pattern=ADAPTER_NAME_PATTERN)], Ref] = Field(
+        default_factory=dict,
+        description=(
+            "LoRA adapters served by name (the `model` id in OpenAI requests), e.g. "
+            "`{sql: ${stages.sft.outputs.adapter}}`; scale lora_alpha / r from each adapter_config.json."
+        ),
+    )
+    speculative: SpeculativeSpec | None = Field(
+        default=None, description="Speculative decoding with a draft model (CPU runtime)."
+    )
 
     def refs(self) -> dict[str, str]:
-        return {"model": self.model}
+        out = {"model": self.model}
+        out.update({f"adapters.{name}": ref for name, ref in sorted(self.adapters.items())})
+        if self.speculative is not None:
+            out["speculative.draft"] = self.speculative.draft
+        return out
 
 
 # ----------------------------------------------------------------------------------------- deploy
@@ -524,7 +779,9 @@ Stage = Annotated[
     | RegisterStage
     | ServeStage
     | DeployStage
-    | PromoteStage,
+    | PromoteStage
+    | DistillStage
+    | PruneStage,
     Field(discriminator="kind"),
 ]
 
@@ -537,6 +794,8 @@ STAGE_CLASSES: dict[str, type[StageBase]] = {
     "serve": ServeStage,
     "deploy": DeployStage,
     "promote": PromoteStage,
+    "distill": DistillStage,
+    "prune": PruneStage,
 }
 
 
