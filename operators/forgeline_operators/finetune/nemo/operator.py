@@ -161,13 +161,34 @@ def _missing(ctx: StageContext, r: Rendered, objects: dict[str, Any]) -> tuple[s
     missing = []
     if shutil.which("podman") is None:
         missing.append("no podman on this node (Ray's image_uri runtime_env starts the image with podman)")
-    import ray
-
-    gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
-    if gpus < r.gpus_per_node:
+    gpus = _cluster_gpus()
+    if gpus is None:
+        missing.append(f"the Ray cluster did not report its resources within {_RAY_QUERY_TIMEOUT_S:g} s")
+    elif gpus < r.gpus_per_node:
         missing.append(f"the Ray cluster has {gpus:g} GPUs, the job needs {r.gpus_per_node} on one node")
     how = "run the workflow against a GPU Ray cluster (--ray-address) or apply rayjob.yaml / job.yaml"
     return ("; ".join(missing) or None, how)
+
+
+_RAY_QUERY_TIMEOUT_S = 10.0
+
+
+def _cluster_gpus() -> float | None:
+    """GPUs of the Ray cluster this stage runs in (0 without Ray); None when the GCS does not answer in
+    time -- the query blocks on a future without a deadline, and a stage must never hang on it."""
+    import threading
+
+    import ray
+
+    if not ray.is_initialized():
+        return 0.0
+    box: list[float] = []
+    query = threading.Thread(
+        target=lambda: box.append(float(ray.cluster_resources().get("GPU", 0))), daemon=True
+    )
+    query.start()
+    query.join(_RAY_QUERY_TIMEOUT_S)
+    return box[0] if box else None
 
 
 def run(ctx: StageContext) -> StageResult:
