@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -70,12 +70,14 @@ def micro_batches(
     seed: int,
     length: int,
     pad_id: int,
+    sequences: Callable[[list[Feature]], list[Feature]] = list,
 ) -> list[dict[str, torch.Tensor]]:
-    """This data-parallel rank's ``grad_accum`` micro-batches of step ``step``."""
+    """This data-parallel rank's ``grad_accum`` micro-batches of step ``step``; ``sequences`` turns a
+    micro-batch's rows into the sequences it trains on (DPO: each pair's chosen and rejected)."""
     per_rank = micro_batch_size * grad_accum
     rows = global_rows(len(features), step, per_rank * dp, seed)
     mine = rows[dp_rank * per_rank : (dp_rank + 1) * per_rank]
     return [
-        batch_tensors([features[i] for i in mine[k : k + micro_batch_size]], length, pad_id)
+        batch_tensors(sequences([features[i] for i in mine[k : k + micro_batch_size]]), length, pad_id)
         for k in range(0, per_rank, micro_batch_size)
     ]

@@ -41,26 +41,9 @@ def _rows(pairs: Sequence[Feature]) -> list[Feature]:
     return out
 
 
-def micro_batches(
-    features: Sequence[Feature],
-    step: int,
-    *,
-    micro_batch_size: int,
-    grad_accum: int,
-    dp: int,
-    dp_rank: int,
-    seed: int,
-    length: int,
-    pad_id: int,
-) -> list[dict[str, torch.Tensor]]:
+def micro_batches(features: Sequence[Feature], step: int, **layout: Any) -> list[dict[str, torch.Tensor]]:
     """This rank's micro-batches of ``micro_batch_size`` pairs each (``2 x`` that many sequences)."""
-    per_rank = micro_batch_size * grad_accum
-    rows = _batches.global_rows(len(features), step, per_rank * dp, seed)
-    mine = rows[dp_rank * per_rank : (dp_rank + 1) * per_rank]
-    return [
-        _batches.batch_tensors(_rows([features[i] for i in mine[k : k + micro_batch_size]]), length, pad_id)
-        for k in range(0, per_rank, micro_batch_size)
-    ]
+    return _batches.micro_batches(features, step, sequences=_rows, **layout)
 
 
 def build_reference(session: Session, base_dir: Path, reference_dir: Path | None) -> Any:
