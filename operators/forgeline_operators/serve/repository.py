@@ -167,20 +167,16 @@ def openvino_config(spec: OpenvinoModelSpec) -> str:
             sort_keys=True,
         ),
     }
-    return (
-        f'name: "{spec.name}"\n'
-        'backend: "python"\n'
-        "max_batch_size: 0\n"
-        "model_transaction_policy { decoupled: true }\n"
-        + _io("input", INPUTS, optional=True)
-        + _io("output", OUTPUTS, optional=False)
-        + "instance_group [ { kind: KIND_CPU count: 1 } ]\n"
-        + _params(params)
-    )
+    return _decoupled_python(spec.name, params)
 
 
 def router_config(name: str, routes: Mapping[str, str]) -> str:
     """``config.pbtxt`` of the LoRA router: the engine's I/O, ``routes`` = adapter ("" = base) → model."""
+    return _decoupled_python(name, {"routes": json.dumps(dict(sorted(routes.items())), sort_keys=True)})
+
+
+def _decoupled_python(name: str, params: Mapping[str, str]) -> str:
+    """A decoupled python-backend model on one CPU instance with the engine's inputs and outputs."""
     return (
         f'name: "{name}"\n'
         'backend: "python"\n'
@@ -189,7 +185,7 @@ def router_config(name: str, routes: Mapping[str, str]) -> str:
         + _io("input", INPUTS, optional=True)
         + _io("output", OUTPUTS, optional=False)
         + "instance_group [ { kind: KIND_CPU count: 1 } ]\n"
-        + _params({"routes": json.dumps(dict(sorted(routes.items())), sort_keys=True)})
+        + _params(params)
     )
 
 
