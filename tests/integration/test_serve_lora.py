@@ -130,3 +130,22 @@ def test_adapter_by_model_id_equals_hf_merged(endpoint: EndpointRecord, models: 
             if line.startswith("data: ") and line != "data: [DONE]":
                 chunks.append(json.loads(line[6:])["choices"][0]["text"])
     assert "".join(chunks) == with_adapter[0]
+
+    # The front sends each request straight to its engine (so a client that leaves cancels it there);
+    # the router model still serves clients that talk to Triton with a lora_name.
+    def successes(model: str) -> int:
+        stats = httpx.get(f"{endpoint.triton_url}/v2/models/{model}/stats", timeout=10).json()
+        return int(stats["model_stats"][0]["inference_stats"]["success"]["count"])
+
+    assert successes("llm") == 0
+    assert successes("llm__sql") >= len(PROMPTS) + 1 and successes("llm__base") >= len(PROMPTS)
+    direct = {"text_input": PROMPTS[0], "max_tokens": MAX_TOKENS, "lora_name": "sql", "stream": True}
+    pieces = []
+    with httpx.stream(
+        "POST", f"{endpoint.triton_url}/v2/models/llm/generate_stream", json=direct, timeout=60
+    ) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                pieces.append(json.loads(line[6:]).get("text_output", ""))
+    assert "".join(pieces) == with_adapter[0]
+    assert successes("llm") == 1

@@ -23,6 +23,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -135,11 +136,16 @@ def _stop_record(rec: EndpointRecord, grace_s: float) -> None:
 
 def served_model(repository: Path) -> tuple[str, tuple[str, ...]]:
     """(Triton model name, LoRA adapter names) of a repository built by the serve stage."""
+    data = _manifest(repository)
+    return str(data["served_model"]), tuple(data.get("adapters", ()))
+
+
+def _manifest(repository: Path) -> dict[str, Any]:
     manifest = repository / _MANIFEST
     if not manifest.exists():
         raise EndpointError(f"{repository} is not a Forgeline model repository (no {_MANIFEST})")
-    data = json.loads(manifest.read_text())
-    return str(data["served_model"]), tuple(data.get("adapters", ()))
+    data: dict[str, Any] = json.loads(manifest.read_text())
+    return data
 
 
 def start_detached(
@@ -229,11 +235,15 @@ def serve_foreground(
     from forgeline_operators.deploy.front import FrontSettings, create_app
 
     model, adapters = served_model(repository)
+    manifest = _manifest(repository)
     log = (endpoints_dir(home) / f"{name}.triton.log") if home else None
     if log:
         log.parent.mkdir(parents=True, exist_ok=True)
+    # Every model of the repository loads at start (with adapters: the router and one engine per
+    # adapter), so the first request does not pay the engines' load and ready means ready.
+    models = list(manifest.get("models") or [model])
     server = TritonServer(
-        repository, [model], TritonPorts.pick(), log_path=log, threads=threads, own_group=False
+        repository, models, TritonPorts.pick(), log_path=log, threads=threads, own_group=False
     )
     record: EndpointRecord | None = None
     try:
@@ -244,6 +254,7 @@ def serve_foreground(
             served_name=served_name or name,
             triton_metrics_url=server.metrics_url,
             adapters=adapters,
+            routes=dict(manifest.get("routes") or {}),
             max_queue=max_queue,
             api_key=api_key,
         )

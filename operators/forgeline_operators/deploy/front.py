@@ -44,6 +44,9 @@ class FrontSettings:
     served_name: str
     triton_metrics_url: str | None = None
     adapters: tuple[str, ...] = ()  # LoRA adapters, served as model ids of their own
+    # adapter ("" = base) -> the Triton engine model serving it (a repository with adapters): requests
+    # go straight to their engine, so a client that leaves cancels the request in that engine.
+    routes: dict[str, str] = field(default_factory=dict)
     max_queue: int = 256  # requests admitted at once (in the engine or waiting for it)
     retry_after_s: int = 1
     api_key: str | None = None
@@ -253,7 +256,10 @@ def create_app(settings: FrontSettings) -> FastAPI:
             payload["stop"] = body.stops()
         if body.ignore_eos:
             payload["ignore_eos"] = True
-        if lora:
+        route = settings.routes.get(lora or "")
+        if route:
+            payload[_TARGET] = route
+        elif lora:
             payload["lora_name"] = lora
         return payload
 
@@ -418,11 +424,15 @@ def create_app(settings: FrontSettings) -> FastAPI:
     return app
 
 
+_TARGET = "_forgeline_target_model"  # set by the front's routing, never sent to Triton
+
+
 async def _triton_events(
     session: aiohttp.ClientSession, model: str, payload: dict[str, Any]
 ) -> AsyncIterator[dict[str, Any]]:
-    """Triton's ``generate_stream`` events for ``payload``. Leaving early closes the connection,
-    which cancels the request in the engine."""
+    """Triton's ``generate_stream`` events for ``payload`` (on the engine its route names, else on
+    ``model``). Leaving early closes the connection, which cancels the request in the engine."""
+    model = payload.pop(_TARGET, model)
     try:
         async with session.post(f"/v2/models/{model}/generate_stream", json=payload) as r:
             if r.status != 200:

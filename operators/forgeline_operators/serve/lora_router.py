@@ -12,17 +12,17 @@ to: it reads ``lora_name``, forwards the request (without ``lora_name``) to that
 decoupled BLS call from a worker thread, and streams the engine's responses back as they come.
 
 Limitation (measured): Triton 2.51 cannot cancel a BLS request, so when a client goes away the router
-stops streaming but the adapter's engine runs that request to its ``max_tokens``. Without adapters
-there is no router and cancellation reaches the engine. The manifest's ``routes`` (adapter → engine
-model) let a front call the engines directly, which removes this hop and the limitation.
+stops streaming but the adapter's engine runs that request to its ``max_tokens``. Forgeline's OpenAI
+front therefore does not use the router: it reads the manifest's ``routes`` (adapter → engine model)
+and calls the engines directly, so its clients' disconnects cancel in the engine; the router serves
+clients that talk to Triton itself with a ``lora_name``.
 
 The engines are loaded by this model (``pb_utils.load_model``; the server runs with explicit model
 control) when the first request arrives, unless they are loaded already, and stay loaded after it is
 unloaded (see ``finalize``). Not earlier: this model is loaded during the server's startup, when loads
 are refused ("Server not ready"), and a load issued from a thread while the server was still starting
-crashed tritonserver 2.51 (boost::interprocess::lock_exception). So the first request pays the engines'
-load time (seconds) unless the server was started with them (``--load-model`` for every entry of the
-manifest's ``models``).
+crashed tritonserver 2.51 (boost::interprocess::lock_exception). The local deploy target starts the
+server with every entry of the manifest's ``models`` (``--load-model``), so nothing loads late there.
 """
 
 from __future__ import annotations

@@ -153,7 +153,8 @@ class TritonPythonModel:
                 if not path.is_absolute():
                     path = version_dir / path
                 self._adapters[aname] = (ov_genai.Adapter(str(path)), float(spec.get("alpha", 1.0)))
-            # The pipeline must know every adapter up front; each request then picks its own weights.
+            # The pipeline must know every adapter up front. The step API does not switch adapters per
+            # request: an engine serves one adapter, applied at load (see lora_router.py).
             properties["adapters"] = ov_genai.AdapterConfig([(a, 0.0) for a, _ in self._adapters.values()])
         # Speculative decoding (forgeline serve.speculative): the draft proposes num_assistant_tokens per
         # step; with a draft, a request must set it (the pipeline rejects one that does not).
