@@ -63,6 +63,13 @@ def _check(ctx: StageContext, stage: FinetuneStage) -> None:
 
         if not torch.cuda.is_available():
             raise OperatorError("resources.device is gpu but CUDA is not available to this stage")
+        if stage.training.precision != "fp32":
+            # Silently training in fp32 on a GPU would cost 2x memory and the plan's estimate.
+            raise OperatorError(
+                f"training.precision {stage.training.precision}: backend megatron trains in fp32 only so "
+                "far (mixed precision through megatron's Float16Module is not wired); set precision: fp32, "
+                "or use backend nemo (Megatron-Bridge, bf16) or hf"
+            )
     elif stage.training.precision != "fp32":
         ctx.logger.warning("precision %s is for GPUs; training in fp32 on CPU", stage.training.precision)
 
