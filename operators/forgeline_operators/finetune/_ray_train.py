@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,20 @@ def _check_capacity(layout: DataParallel) -> None:
 
 
 def run_data_parallel(job: TrainJob, layout: DataParallel, storage: Path) -> TrainOutcome:
+    config = {"job": job, "outcome_path": str(storage / "outcome.json")}
+    run_on_workers(_worker_loop, config, layout, storage, job.stage.name)
+    return TrainOutcome(**json.loads((storage / "outcome.json").read_text()))
+
+
+def run_on_workers(
+    loop: Callable[[dict[str, Any]], None],
+    config: dict[str, Any],
+    layout: DataParallel,
+    storage: Path,
+    name: str,
+) -> None:
+    """``loop(config)`` on ``layout.workers`` Ray Train workers (gloo, or NCCL on GPUs), packed on one
+    node, with a bounded wait for their placement; failures come back as readable OperatorErrors."""
     # The Train V2 classes that ray.train / ray.train.torch export at runtime (typed as V1 for mypy).
     from ray.train.torch import TorchConfig
     from ray.train.v2.api.config import FailureConfig, RunConfig, ScalingConfig
@@ -82,8 +97,8 @@ def run_data_parallel(job: TrainJob, layout: DataParallel, storage: Path) -> Tra
     # Read by the Train controller (propagated to it from here): bounded wait for the placement group.
     os.environ[_START_TIMEOUT_ENV] = f"{layout.start_timeout_s:g}"
     trainer = TorchTrainer(
-        _worker_loop,
-        train_loop_config={"job": job, "outcome_path": str(storage / "outcome.json")},
+        loop,
+        train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if layout.gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=layout.workers,
@@ -92,7 +107,8 @@ def run_data_parallel(job: TrainJob, layout: DataParallel, storage: Path) -> Tra
             placement_strategy="STRICT_PACK",
         ),
         run_config=RunConfig(
-            name=f"forgeline-{job.stage.name}-{uuid.uuid4().hex[:12]}",
+            # A reused name would restore the old run (FACTS.md): always a fresh one.
+            name=f"forgeline-{name}-{uuid.uuid4().hex[:12]}",
             storage_path=str(storage),
             failure_config=FailureConfig(max_failures=0, controller_failure_limit=0),
         ),
@@ -102,7 +118,6 @@ def run_data_parallel(job: TrainJob, layout: DataParallel, storage: Path) -> Tra
         trainer.fit()
     except Exception as e:
         raise _readable(e, layout) from e
-    return TrainOutcome(**json.loads((storage / "outcome.json").read_text()))
 
 
 def _readable(error: Exception, layout: DataParallel) -> Exception:

@@ -18,7 +18,6 @@ import json
 import os
 import resource
 import shutil
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -214,44 +213,12 @@ def _ray_loop(config: dict[str, Any]) -> None:
 
 
 def _on_ray_train(ctx: StageContext, stage: FinetuneStage, job: MegatronJob) -> None:
-    from ray.train.torch import TorchConfig
-    from ray.train.v2.api.config import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.v2.torch.torch_trainer import TorchTrainer
-
-    from forgeline_operators.finetune._ray_train import (
-        _START_TIMEOUT_ENV,
-        DataParallel,
-        _check_capacity,
-        _readable,
-    )
+    from forgeline_operators.finetune._ray_train import DataParallel, run_on_workers
     from forgeline_operators.finetune.operator import PLACEMENT_TIMEOUT_S
 
     gpu = str(ctx.workflow.resources.device) == "gpu"
     layout = DataParallel(job.world_size, _cpus_per_worker(ctx, stage), gpu, PLACEMENT_TIMEOUT_S)
-    _check_capacity(layout)
-    os.environ[_START_TIMEOUT_ENV] = f"{layout.start_timeout_s:g}"
-    storage = ctx.work_dir / "ray-train"
-    storage.mkdir(parents=True, exist_ok=True)
-    trainer = TorchTrainer(
-        _ray_loop,
-        train_loop_config={"job": job},
-        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
-        scaling_config=ScalingConfig(
-            num_workers=layout.workers,
-            use_gpu=gpu,
-            resources_per_worker=layout.resources_per_worker(),
-            placement_strategy="STRICT_PACK",
-        ),
-        run_config=RunConfig(
-            name=f"forgeline-{stage.name}-{uuid.uuid4().hex[:12]}",
-            storage_path=str(storage),
-            failure_config=FailureConfig(max_failures=0, controller_failure_limit=0),
-        ),
-    )
-    try:
-        trainer.fit()
-    except Exception as e:
-        raise _readable(e, layout) from e
+    run_on_workers(_ray_loop, {"job": job}, layout, ctx.work_dir / "ray-train", stage.name)
 
 
 def run(ctx: StageContext) -> StageResult:
