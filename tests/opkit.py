@@ -40,6 +40,14 @@ def echo(ctx: StageContext) -> StageResult:
     return StageResult(outputs={"report": report}, metrics={"perplexity": float(stage.max_samples or 1)})
 
 
+def pid_echo(ctx: StageContext) -> StageResult:
+    """``echo`` that also records the worker process it ran in (``stage:pid`` in calls.log)."""
+    base = next(iter(ctx.datasets.values())).path.parent
+    with open(base / "pids.log", "a") as f:
+        f.write(f"{ctx.stage.name}:{os.getpid()}\n")
+    return echo(ctx)
+
+
 def slow(ctx: StageContext) -> StageResult:
     """Records that it started, then waits (bounded) for a 'release' file next to the dataset."""
     base = _log_call(ctx, ":started")

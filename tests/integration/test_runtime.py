@@ -189,3 +189,28 @@ def test_stale_external_result_is_rerun_not_reused(tmp_path: Path, home: Path, r
     assert int(client.get_model_version_by_alias("m", "candidate").version) == 1
     tags = stage_runs(home, third.run_id)["reg"].data.tags  # type: ignore[attr-defined]
     assert "no longer exists" in tags["forgeline.stale_cache"]
+
+
+def test_worker_spawning_stages_get_a_process_of_their_own(
+    tmp_path: Path, home: Path, ray_session: None
+) -> None:
+    """Stages whose operator starts Ray Train workers run in a worker process that exits after them,
+    so what they leave behind (the Train controller they own, process-wide patches) goes with it."""
+    from forgeline.artifacts import pid_alive
+    from forgeline.registry import Capabilities, OperatorSpec
+
+    wf = write(tmp_path)
+    registry = opkit.registry()
+    isolated = Capabilities(spawns_workers=True)
+    registry.add_operator(OperatorSpec("evaluate", "opkit:pid_echo", "test-1", capabilities=isolated))
+    summary = run_workflow(load_workflow(wf), RunSettings(home=home), registry=registry)
+    assert summary.state == "FINISHED"
+    pids = dict(line.split(":") for line in (tmp_path / "pids.log").read_text().split())
+    assert set(pids) == {"a", "b", "c", "d2"}
+    assert len(set(pids.values())) == 4, f"stages shared a worker process: {pids}"
+    import time
+
+    deadline = time.time() + 30
+    while time.time() < deadline and any(pid_alive(int(p)) for p in pids.values()):
+        time.sleep(0.2)
+    assert not any(pid_alive(int(p)) for p in pids.values()), "an isolated stage's worker outlived it"

@@ -157,6 +157,7 @@ class Driver:
         # Ray object ref -> (stage, start time, task) of the stages in flight; Ctrl-C cancels these.
         self._running: dict[Any, tuple[str, float, StageTask]] = {}
         self._remote: Any = None  # the Ray task wrapper, created when the first stage must run
+        self._remote_isolated: Any = None  # the same in a worker process used for one stage only
         self._started_ray = False
         self.selection = settings.selection
         self._forced: set[str] = set()
@@ -377,6 +378,11 @@ class Driver:
         if self._remote is None:
             self._started_ray = ensure_ray(self.settings.ray)
             self._remote = ray.remote(execute)
+            # Stages that start Ray Train workers or hold GPUs run in a worker process of their own
+            # that exits afterwards: what they leave behind (the Train controller actor they own, CUDA
+            # memory, process-wide patches such as megatron's CPU layer) goes with it instead of into
+            # the next stage. ~1.5 s per such stage; light stages keep reusing warm workers.
+            self._remote_isolated = ray.remote(max_calls=1)(execute)
         # A request the cluster can never meet would wait forever: fail it now with the numbers.
         total = ray.cluster_resources()
         short = [
@@ -392,7 +398,8 @@ class Driver:
                 tracker, name, task, {"ok": False, "error": msg, "seconds": 0.0}, children, outcomes
             )
             return None
-        ref = self._remote.options(**options).remote(task)
+        isolated = op.capabilities.spawns_workers or sp.gpus > 0
+        ref = (self._remote_isolated if isolated else self._remote).options(**options).remote(task)
         self.progress(name, "running", {"key": key})
         return ref, task
 
