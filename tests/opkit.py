@@ -40,12 +40,15 @@ def echo(ctx: StageContext) -> StageResult:
     return StageResult(outputs={"report": report}, metrics={"perplexity": float(stage.max_samples or 1)})
 
 
-def pid_echo(ctx: StageContext) -> StageResult:
-    """``echo`` that also records the worker process it ran in (``stage:pid`` in calls.log)."""
+def pid_checkpoint(ctx: StageContext) -> StageResult:
+    """A finetune-like operator that records the worker process it ran in (``stage:pid`` in pids.log)."""
     base = next(iter(ctx.datasets.values())).path.parent
     with open(base / "pids.log", "a") as f:
         f.write(f"{ctx.stage.name}:{os.getpid()}\n")
-    return echo(ctx)
+    out = ctx.output_dir / "checkpoint"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"from": ctx.stage.name}))
+    return StageResult(outputs={"checkpoint": out}, metrics={})
 
 
 def slow(ctx: StageContext) -> StageResult:

@@ -191,26 +191,38 @@ def test_stale_external_result_is_rerun_not_reused(tmp_path: Path, home: Path, r
     assert "no longer exists" in tags["forgeline.stale_cache"]
 
 
-def test_worker_spawning_stages_get_a_process_of_their_own(
+def test_stages_with_train_workers_run_in_their_own_process(
     tmp_path: Path, home: Path, ray_session: None
 ) -> None:
-    """Stages whose operator starts Ray Train workers run in a worker process that exits after them,
-    so what they leave behind (the Train controller they own, process-wide patches) goes with it."""
+    """Stages that start Ray Train workers (or hold GPUs) run in a worker process that exits after them,
+    so what they leave behind (the Train controller they own, CUDA memory) goes with it; light stages
+    keep reusing warm workers."""
+    import shutil
+    import time
+
     from forgeline.artifacts import pid_alive
     from forgeline.registry import Capabilities, OperatorSpec
 
-    wf = write(tmp_path)
+    root = Path(__file__).resolve().parents[2]
+    shutil.copy(root / "workflows" / "data" / "chat_sft.jsonl", tmp_path / "sft.jsonl")
+    wf = tmp_path / "wf.yaml"
+    wf.write_text(
+        "name: iso\nmodel: {base: builtin://tiny-llama}\ndata:\n  d: {path: sft.jsonl, format: sft}\n"
+        "stages:\n"
+        "  - {name: t1, kind: finetune, method: sft, dataset: d, parallelism: {dp: 2}}\n"
+        "  - {name: t2, kind: finetune, method: sft, dataset: d, parallelism: {dp: 2}, needs: [t1]}\n"
+    )
     registry = opkit.registry()
-    isolated = Capabilities(spawns_workers=True)
-    registry.add_operator(OperatorSpec("evaluate", "opkit:pid_echo", "test-1", capabilities=isolated))
+    spawns = Capabilities(data_parallel=True, spawns_workers=True)
+    registry.add_operator(
+        OperatorSpec("finetune", "opkit:pid_checkpoint", "test-1", backend="hf", capabilities=spawns)
+    )
     summary = run_workflow(load_workflow(wf), RunSettings(home=home), registry=registry)
     assert summary.state == "FINISHED"
-    pids = dict(line.split(":") for line in (tmp_path / "pids.log").read_text().split())
-    assert set(pids) == {"a", "b", "c", "d2"}
-    assert len(set(pids.values())) == 4, f"stages shared a worker process: {pids}"
-    import time
-
+    lines = (tmp_path / "pids.log").read_text().split()
+    pids = {name: int(pid) for name, pid in (line.split(":") for line in lines)}
+    assert pids["t1"] != pids["t2"], f"two stages with Ray Train workers shared a process: {pids}"
     deadline = time.time() + 30
-    while time.time() < deadline and any(pid_alive(int(p)) for p in pids.values()):
+    while time.time() < deadline and (pid_alive(pids["t1"]) or pid_alive(pids["t2"])):
         time.sleep(0.2)
-    assert not any(pid_alive(int(p)) for p in pids.values()), "an isolated stage's worker outlived it"
+    assert not pid_alive(pids["t1"]) and not pid_alive(pids["t2"]), "an isolated stage's worker outlived it"

@@ -380,8 +380,9 @@ class Driver:
             self._remote = ray.remote(execute)
             # Stages that start Ray Train workers or hold GPUs run in a worker process of their own
             # that exits afterwards: what they leave behind (the Train controller actor they own, CUDA
-            # memory, process-wide patches such as megatron's CPU layer) goes with it instead of into
-            # the next stage. ~1.5 s per such stage; light stages keep reusing warm workers.
+            # memory) goes with it instead of into the next stage. A fresh process re-imports the
+            # operator's libraries (measured: the quickstart's in-process finetune stages would cost
+            # ~10 s more), so stages that do their work in the task keep reusing warm workers.
             self._remote_isolated = ray.remote(max_calls=1)(execute)
         # A request the cluster can never meet would wait forever: fail it now with the numbers.
         total = ray.cluster_resources()
@@ -398,7 +399,7 @@ class Driver:
                 tracker, name, task, {"ok": False, "error": msg, "seconds": 0.0}, children, outcomes
             )
             return None
-        isolated = op.capabilities.spawns_workers or sp.gpus > 0
+        isolated = sp.workers > 0 or sp.gpus > 0
         ref = (self._remote_isolated if isolated else self._remote).options(**options).remote(task)
         self.progress(name, "running", {"key": key})
         return ref, task
