@@ -22,7 +22,7 @@ $(STAMP): $(LOCK) pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade "pip>=24"
 	# The CPU torch wheel first: anything that depends on torch must not pull a CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -c $(LOCK) -e '.[ml,dev,serve,compress,megatron]'
+	$(BIN)/python -m pip install -q -c $(LOCK) -e '.[ml,dev,serve,compress,megatron,k8s]'
 	# optimum-intel hard-requires torchvision (a CUDA torch); its real deps are in the serve extra.
 	$(BIN)/python -m pip install -q -c $(LOCK) --no-deps optimum optimum-intel
 	# tritonserver 2.51 from the nvidia-pytriton wheel, cached outside the repo (FACTS.md).
