@@ -108,7 +108,7 @@ def operator_specs() -> list[OperatorSpec]:
         OperatorSpec(
             kind="register",
             entrypoint="forgeline_operators.register.operator:run",
-            version="1",
+            version="2",  # 2: upstream quality metrics as version tags
             capabilities=Capabilities(cpu=True, gpu=True),
             description="Register a directory as an MLflow model version (by reference) and set an alias.",
             cache_check="forgeline_operators.register.operator:cache_check",
@@ -131,5 +131,15 @@ def operator_specs() -> list[OperatorSpec]:
             capabilities=Capabilities(cpu=True, gpu=False),
             description="Local endpoint: detached tritonserver + OpenAI-compatible front.",
             cache_check="forgeline_operators.deploy.operator:cache_check",
+        ),
+        OperatorSpec(
+            kind="promote",
+            entrypoint="forgeline_operators.promote.operator:run",
+            version="1",
+            capabilities=Capabilities(cpu=True, gpu=True),
+            description=(
+                "Gates (metrics vs production/parent, quantization delta, SLO benchmark, approval), then "
+                "the production endpoint switches to the version and the alias moves."
+            ),
         ),
     ]

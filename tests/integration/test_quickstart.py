@@ -78,7 +78,18 @@ def test_quickstart_kill9_resume_then_fully_cached(home: Path, stop_endpoints: N
     stages = sorted(c.data.tags[TAG_STAGE] for c in children)
     # one child run per stage, none duplicated
     assert stages == sorted(
-        ["eval-base", "sft", "align", "eval-tuned", "quantize", "build", "register", "serve", "deploy"]
+        [
+            "eval-base",
+            "sft",
+            "align",
+            "eval-tuned",
+            "quantize",
+            "build",
+            "register",
+            "serve",
+            "deploy",
+            "promote",
+        ]
     )
     assert all(c.info.status == "FINISHED" for c in children)
     workflow_runs = client.search_runs([exp], filter_string=f"tags.`{TAG_ROLE}` = 'workflow'")
@@ -96,7 +107,7 @@ def test_quickstart_kill9_resume_then_fully_cached(home: Path, stop_endpoints: N
 
     again = forgeline("run", "workflows/quickstart.yaml", home=home)
     assert again.returncode == 0, again.stdout + again.stderr
-    assert "9 cached" in again.stdout  # the endpoint is still up, so even deploy is reused
+    assert "10 cached" in again.stdout  # the endpoint is still up, so even deploy is reused
     assert len(client.search_model_versions("name = 'quickstart-tiny-llama'")) == 1
 
     status = forgeline("status", home=home)

@@ -25,7 +25,7 @@ def runner() -> CliRunner:
 def test_validate_a_good_file(runner: CliRunner) -> None:
     result = runner.invoke(app, ["validate", str(QUICKSTART)])
     assert result.exit_code == 0, result.output
-    assert f"{QUICKSTART}: ok (9 stages)" in result.output
+    assert f"{QUICKSTART}: ok (10 stages)" in result.output
 
 
 def test_validate_a_broken_file_lists_located_problems_without_a_traceback(runner: CliRunner) -> None:
@@ -94,7 +94,8 @@ def test_plan_json_lists_the_stages_and_creates_no_tracking_store(runner: CliRun
     assert data["workflow"] == "quickstart" and data["problems"] == []
     stages = {s["name"]: s for s in data["stages"]}
     assert list(stages) == [
-        "eval-base", "sft", "align", "eval-tuned", "quantize", "build", "register", "serve", "deploy"
+        "eval-base", "sft", "align", "eval-tuned", "quantize", "build", "register", "serve", "deploy",
+        "promote",
     ]  # fmt: skip
     assert stages["register"]["deps"] == ["eval-base", "eval-tuned", "build"]
     assert all(s["status"] == "run" for s in stages.values())

@@ -70,7 +70,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def _summary(values: list[float]) -> dict[str, float]:
-    return {f"p{q}": round(percentile(values, q) * 1000, 3) for q in (50, 90, 99)} | {
+    return {f"p{q}": round(percentile(values, q) * 1000, 3) for q in (50, 90, 95, 99)} | {
         "mean": round(sum(values) / len(values) * 1000, 3) if values else float("nan")
     }
 

@@ -2,7 +2,9 @@
 
 Nothing is uploaded: the version's ``source`` is the directory's URI in the stage store, and its tags
 carry the content digest and lineage (workflow, stage run, input digest), so a version can always be
-traced back to the data and the run that produced it.
+traced back to the data and the run that produced it. The metrics of every upstream evaluate /
+quantize / prune / distill stage are copied onto the version as ``forgeline.metric.<stage>.<name>``
+tags: the promotion gates compare versions on them.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from pathlib import Path
 
 from forgeline.artifacts import StageRecord, dir_digest, read_manifest
 from forgeline.runtime.context import OperatorError, StageContext, StageResult
-from forgeline.tracking import Tracker, register_version
+from forgeline.tracking import TAG_METRIC_PREFIX, Tracker, register_version
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -29,6 +31,7 @@ def run(ctx: StageContext) -> StageResult:
         "forgeline.workflow": ctx.workflow.name,
         "forgeline.stage_run_id": ctx.run_id or "",
         "forgeline.source_ref": stage.model,
+        **_quality_tags(ctx),
         **stage.tags,
     }
     version = register_version(
@@ -50,6 +53,21 @@ def run(ctx: StageContext) -> StageResult:
         outputs={"version": version.version, "model_uri": f"models:/{version.name}/{version.version}"},
         metrics={"registered_version": float(version.version)},
     )
+
+
+# Stage kinds whose metrics describe the registered model's quality; promotion gates read them from the
+# version (``forgeline.metric.<stage>.<metric>``), so a version carries its evidence with it.
+_QUALITY_KINDS = ("evaluate", "quantize", "prune", "distill")
+
+
+def _quality_tags(ctx: StageContext) -> dict[str, str]:
+    tags: dict[str, str] = {}
+    for name, metrics in sorted(ctx.upstream_metrics.items()):
+        if ctx.workflow.stage(name).kind not in _QUALITY_KINDS:
+            continue
+        for metric, value in sorted(metrics.items()):
+            tags[f"{TAG_METRIC_PREFIX}{name}.{metric}"] = repr(float(value))
+    return tags
 
 
 def cache_check(record: StageRecord, home: Path, tracking_uri: str) -> str | None:

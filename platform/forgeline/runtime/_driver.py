@@ -46,6 +46,9 @@ from forgeline.tracking import (
 )
 
 ProgressFn = Callable[[str, str, dict[str, Any]], None]  # (stage, state, detail)
+# Who submitted a run: RunSettings.submitter, else $FORGELINE_SUBMITTER (set by the REST API's launcher).
+TAG_SUBMITTER = "forgeline.submitter"
+SUBMITTER_ENV = "FORGELINE_SUBMITTER"
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,7 @@ class RunSettings:
     tracking_uri: str | None = None  # overrides the workflow's tracking.uri
     poll_s: float = 0.2
     selection: Selection = field(default_factory=Selection)  # --only / --from; resume keeps the run's
+    submitter: str | None = None  # who asked for the run (the REST API passes the token's subject)
 
 
 @dataclass
@@ -217,6 +221,7 @@ class Driver:
                     self._forced.discard(name)  # rerun once by this run already: now its cache is fresh
             parent = resume_run_id
         else:
+            submitter = self.settings.submitter or os.environ.get(SUBMITTER_ENV)
             parent = tracker.start_run(
                 experiment_id,
                 wf.name,
@@ -225,6 +230,7 @@ class Driver:
                     TAG_WORKFLOW: wf.name,
                     TAG_WORKFLOW_FILE: str(self.loaded.path),
                     "mlflow.user": os.environ.get("FORGELINE_USER") or os.environ.get("USER") or "unknown",
+                    **({TAG_SUBMITTER: submitter} if submitter else {}),
                     **driver_tags,
                     **({} if self.selection.is_default else self.selection.to_tags()),
                 },
@@ -357,7 +363,9 @@ class Driver:
             key=key,
             components=ki.components(),
             operator=op,
-            records={d: records[d] for d in wf.dependencies(name)},
+            # Every finished upstream stage (transitive): references read direct ones; register
+            # records the metrics of upstream evaluate/quantize stages on the model version.
+            records={d: records[d] for d in _ancestors(wf, name) if d in records},
             dataset_sha=plan.dataset_sha,
             home=self.settings.home,
             tracking=self.tracking,
@@ -551,3 +559,15 @@ def run_workflow(
 ) -> RunSummary:
     """Plan and run a workflow; raises WorkflowError (before anything runs) or StageFailed."""
     return Driver(loaded, settings, registry, progress).run(resume_run_id)
+
+
+def _ancestors(wf: Any, name: str) -> list[str]:
+    """Stages ``name`` depends on, directly or through others (dependency order not guaranteed)."""
+    seen: list[str] = []
+    todo = list(wf.dependencies(name))
+    while todo:
+        dep = todo.pop()
+        if dep not in seen:
+            seen.append(dep)
+            todo.extend(wf.dependencies(dep))
+    return seen

@@ -114,6 +114,7 @@ def execute(task: StageTask) -> dict[str, Any]:
         tracking_uri=task.tracking.uri,
         home=task.home,
         logger=logger,
+        upstream_metrics={name: dict(rec.metrics) for name, rec in task.records.items()},
     )
     try:
         logger.info(

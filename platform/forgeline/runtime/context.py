@@ -109,6 +109,8 @@ class StageContext:
     tracking_uri: str | None = None
     home: Path | None = None  # the Forgeline state directory (.forgeline): endpoints, logs
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("forgeline.stage"))
+    # Metrics of every finished upstream stage (direct or transitive), by stage name.
+    upstream_metrics: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 
     def input_path(self, ref: str) -> Path:
         """Local directory for a reference field of the stage (materialized if remote)."""

@@ -322,6 +322,15 @@ def _semantic_problems(
                             f"{at}.requires[{j}]", f"unknown stage {req!r}", did_you_mean(req, known)
                         )
                     )
+            for j, gate in enumerate(stage.gates.metrics):
+                if gate.stage is not None and gate.stage not in known:
+                    problems.append(
+                        smap.problem(
+                            f"{at}.gates.metrics[{j}].stage",
+                            f"unknown stage {gate.stage!r}",
+                            did_you_mean(gate.stage, known),
+                        )
+                    )
         for fpath, value in stage.refs().items():
             if fpath == "gates.max_regression_vs":
                 continue

@@ -16,6 +16,7 @@ from pydantic.json_schema import SkipJsonSchema
 
 REF_PATTERN = re.compile(r"^\$\{\s*(?:(model)|stages\.([A-Za-z0-9_-]+)\.outputs\.([A-Za-z0-9_]+))\s*\}$")
 NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,62}$"
+DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
 BASE_MODEL_REF = "${model}"
 
 Ref = Annotated[
@@ -732,6 +733,62 @@ class RolloutSpec(StrictModel):
     strategy: Literal["rolling", "canary"] = Field(default="rolling", description="Rollout strategy.")
     steps: list[int] = Field(default_factory=lambda: [100], description="Canary traffic percentages.")
     gates: RolloutGates = Field(default_factory=RolloutGates, description="Checked between steps.")
+    step_interval_s: int = Field(
+        default=60, ge=1, le=86400, description="Observation window per canary step (s)."
+    )
+    max_surge_gpus: int | None = Field(
+        default=None, ge=1, description="GPUs the canary may add (default: one replica's)."
+    )
+
+    @field_validator("steps")
+    @classmethod
+    def _steps_increase_to_100(cls, v: list[int]) -> list[int]:
+        if not v or any(not 0 < p <= 100 for p in v):
+            raise ValueError(f"steps {v}: each must be a percentage in 1..100, e.g. [10, 50, 100]")
+        if v[-1] != 100 or any(b <= a for a, b in zip(v, v[1:], strict=False)):  # noqa: RUF007
+            raise ValueError(f"steps {v}: must increase strictly and end at 100, e.g. [10, 50, 100]")
+        return v
+
+
+class RepositorySourceSpec(StrictModel):
+    pvc: str | None = Field(default=None, description="PVC holding the model repository.")
+    path: str = Field(default="", description="Directory of the repository inside the PVC.")
+    uri: str | None = Field(
+        default=None, description="Object-store URI (s3://, gs://) an init container copies from."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RepositorySourceSpec:
+        if (self.pvc is None) == (self.uri is None):
+            raise ValueError("repository: set exactly one of `pvc` (with `path`) or `uri`")
+        return self
+
+
+class KubernetesDeploySpec(StrictModel):
+    namespace: str = Field(
+        default="default", description="Namespace of the endpoint.", pattern=DNS_LABEL_PATTERN
+    )
+    image: str | None = Field(default=None, description="Server image (default: the runtime's pinned image).")
+    replicas: int = Field(default=1, ge=0, description="Replicas of the serving revision.")
+    max_replicas: int | None = Field(
+        default=None, ge=1, description="HPA ceiling (Triton queue time; default: replicas)."
+    )
+    gpus: int = Field(default=1, ge=0, description="`nvidia.com/gpu` per replica.")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Pod node selector.")
+    tolerations: list[dict[str, str | int]] = Field(
+        default_factory=list, description="Pod tolerations (Kubernetes shape: key, operator, value, effect)."
+    )
+    cpu: str = Field(default="4", description="CPU request per replica (Kubernetes quantity).")
+    memory: str = Field(default="32Gi", description="Memory request per replica (Kubernetes quantity).")
+    repository: RepositorySourceSpec | None = Field(
+        default=None, description="Where pods read the model from (default: `uri` = the resolved model URI)."
+    )
+    service_type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = Field(
+        default="ClusterIP", description="Type of the endpoint's stable Service."
+    )
+    metrics_url: str | None = Field(
+        default=None, description="Prometheus base URL for rollout gates (default: scrape the canary pods)."
+    )
 
 
 class DeployStage(StageBase):
@@ -746,6 +803,9 @@ class DeployStage(StageBase):
     endpoint_name: str | None = Field(default=None, description="Endpoint name (default: workflow name).")
     port: int | None = Field(default=None, ge=1, le=65535, description="Local port (local target).")
     rollout: RolloutSpec = Field(default_factory=RolloutSpec, description="How traffic moves over.")
+    kubernetes: KubernetesDeploySpec | None = Field(
+        default=None, description="Cluster settings of the endpoint (workflow `target: kubernetes`)."
+    )
 
     def refs(self) -> dict[str, str]:
         return {"repository": self.repository}
@@ -757,18 +817,103 @@ class DeployStage(StageBase):
 # ---------------------------------------------------------------------------------------- promote
 
 
+class MetricGate(StrictModel):
+    metric: str = Field(description="Metric recorded on the version, e.g. `token_accuracy`, `perplexity`.")
+    stage: str | None = Field(
+        default=None,
+        description="Evaluate stage whose metric it is (default: the only upstream stage that logged it).",
+    )
+    vs: Literal["production", "parent"] = Field(
+        default="production",
+        description=(
+            "Compare with the current production version's value, or with the parent model's value "
+            "measured by the same evaluate stage (`baseline_<metric>`)."
+        ),
+    )
+    max_regression: float = Field(
+        default=0.0, ge=0, description="Largest relative change for the worse allowed (0.02 = 2 %)."
+    )
+
+
+class QuantizationGate(StrictModel):
+    max_perplexity_increase: float | None = Field(
+        default=None,
+        ge=0,
+        description="Largest relative perplexity increase of the quantize stage vs parent.",
+    )
+    min_token_agreement: float | None = Field(
+        default=None, ge=0, le=1, description="Smallest greedy-token agreement with the parent."
+    )
+
+
+class SloGate(StrictModel):
+    p95_ttft_ms: float | None = Field(default=None, gt=0, description="Max p95 time to first token (ms).")
+    min_tokens_per_s: float | None = Field(
+        default=None, gt=0, description="Min output tokens per second at `concurrency`."
+    )
+    max_error_rate: float = Field(default=0.0, ge=0, le=1, description="Max share of failed requests.")
+    concurrency: int = Field(default=4, ge=1, le=256, description="Concurrent requests of the benchmark.")
+    requests: int = Field(default=16, ge=1, le=10_000, description="Requests of the benchmark.")
+    max_tokens: int = Field(default=16, ge=1, le=4096, description="Output tokens per request (max).")
+
+
+class PromotionGates(StrictModel):
+    metrics: list[MetricGate] = Field(
+        default_factory=list, description="Evaluation metrics vs production or the parent."
+    )
+    quantization: QuantizationGate | None = Field(
+        default=None, description="Quality delta of the quantize stage (read from the version's tags)."
+    )
+    slo: SloGate | None = Field(
+        default=None, description="A short benchmark against a candidate endpoint serving the version."
+    )
+    approval: bool = Field(
+        default=False, description="Require `forgeline approve MODEL --version N` before promotion."
+    )
+
+
+class PromoteEndpointSpec(StrictModel):
+    name: str = Field(description="Name of the production endpoint.", pattern=NAME_PATTERN)
+    port: int | None = Field(default=None, ge=1, le=65535, description="Local port when it starts.")
+    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec, description="Batching limits.")
+
+
 class PromoteStage(StageBase):
-    outputs: ClassVar[tuple[str, ...]] = ("version",)
+    ref_fields: ClassVar[tuple[str, ...]] = ("version", "candidate_endpoint")
+    outputs: ClassVar[tuple[str, ...]] = ("version", "endpoint")
     primary_output: ClassVar[str | None] = "version"
-    value_outputs: ClassVar[frozenset[str]] = frozenset({"version"})
+    value_outputs: ClassVar[frozenset[str]] = frozenset({"version", "endpoint"})
 
     kind: Literal["promote"] = Field(description="Move a registry alias after gates pass.")
     registered_name: str = Field(description="Registered model name.", min_length=1)
+    version: Ref | None = Field(
+        default=None,
+        description="Version to promote, e.g. `${stages.register.outputs.version}` (default: `from_alias`).",
+    )
     from_alias: str = Field(default="candidate", description="Alias whose version is promoted.")
     to_alias: str = Field(default="production", description="Alias to move.")
     requires: list[str] = Field(
         default_factory=list, description="Stages whose gates must have passed (they become dependencies)."
     )
+    gates: PromotionGates = Field(
+        default_factory=PromotionGates, description="Checked before the alias moves."
+    )
+    endpoint: PromoteEndpointSpec | None = Field(
+        default=None,
+        description="Production endpoint pointed at the version (started if not running, else hot-swapped).",
+    )
+    candidate_endpoint: Ref | None = Field(
+        default=None,
+        description="Endpoint serving the version (SLO gate), e.g. `${stages.deploy.outputs.endpoint}`.",
+    )
+
+    def refs(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        if self.version is not None:
+            out["version"] = self.version
+        if self.candidate_endpoint is not None:
+            out["candidate_endpoint"] = self.candidate_endpoint
+        return out
 
 
 Stage = Annotated[

@@ -3,12 +3,24 @@ metrics, lineage tags, and registered model versions with aliases. A leaf packag
 other forgeline layer, and nothing else in forgeline talks to MLflow directly.
 """
 
+from forgeline.tracking._promotions import PROMOTIONS_EXPERIMENT, log_promotion, promotion_history
 from forgeline.tracking._registry import (
+    TAG_METRIC_PREFIX,
     TAG_URI,
     RegisteredVersion,
+    alias_version,
+    delete_alias,
     get_version,
+    list_models,
+    list_versions,
+    model_aliases,
+    model_tags,
     register_version,
+    set_alias,
+    set_model_tag,
+    set_version_tags,
     version_by_alias,
+    version_metrics,
 )
 from forgeline.tracking._runs import (
     PARENT_TAG,
@@ -33,12 +45,14 @@ from forgeline.tracking._store import TrackingSettings, default_home, prepare, r
 
 __all__ = [
     "PARENT_TAG",
+    "PROMOTIONS_EXPERIMENT",
     "TAG_CACHED",
     "TAG_CACHE_KEY",
     "TAG_DRIVER_HOST",
     "TAG_DRIVER_PID",
     "TAG_ERROR",
     "TAG_KIND",
+    "TAG_METRIC_PREFIX",
     "TAG_OPERATOR_VERSION",
     "TAG_ORDER",
     "TAG_ROLE",
@@ -51,11 +65,23 @@ __all__ = [
     "RunSink",
     "Tracker",
     "TrackingSettings",
+    "alias_version",
     "default_home",
+    "delete_alias",
     "flatten",
     "get_version",
+    "list_models",
+    "list_versions",
+    "log_promotion",
+    "model_aliases",
+    "model_tags",
     "prepare",
+    "promotion_history",
     "register_version",
     "resolve_settings",
+    "set_alias",
+    "set_model_tag",
+    "set_version_tags",
     "version_by_alias",
+    "version_metrics",
 ]

@@ -10,6 +10,7 @@ at the same path everywhere, or an object-store URI.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,20 @@ class RegisteredVersion:
 
 
 TAG_URI = "forgeline.uri"
+TAG_METRIC_PREFIX = "forgeline.metric."  # + "<stage>.<metric>": quality evidence on a version
+
+
+def version_metrics(version: RegisteredVersion) -> dict[str, dict[str, float]]:
+    """``{stage: {metric: value}}`` from a version's ``forgeline.metric.*`` tags."""
+    out: dict[str, dict[str, float]] = {}
+    for key, value in version.tags.items():
+        if key.startswith(TAG_METRIC_PREFIX):
+            stage, _, metric = key[len(TAG_METRIC_PREFIX) :].partition(".")
+            try:
+                out.setdefault(stage, {})[metric] = float(value)
+            except ValueError:
+                continue
+    return out
 
 
 def _remote(tracking_uri: str) -> bool:
@@ -92,3 +107,60 @@ def get_version(tracker: Tracker, name: str, version: int) -> RegisteredVersion:
 def version_by_alias(tracker: Tracker, name: str, alias: str) -> RegisteredVersion:
     mv: Any = tracker.client.get_model_version_by_alias(name, alias)
     return get_version(tracker, name, int(mv.version))
+
+
+def list_models(tracker: Tracker) -> list[dict[str, Any]]:
+    """Every registered model: name, aliases (alias → version), latest version, description."""
+    out = []
+    for rm in tracker.client.search_registered_models(max_results=1000):
+        aliases = {str(k): int(v) for k, v in (getattr(rm, "aliases", None) or {}).items()}
+        latest = max((int(v.version) for v in (rm.latest_versions or [])), default=None)
+        out.append(
+            {"name": rm.name, "aliases": aliases, "latest_version": latest, "description": rm.description}
+        )
+    return sorted(out, key=lambda m: m["name"])
+
+
+def list_versions(tracker: Tracker, name: str) -> list[RegisteredVersion]:
+    """Every version of ``name``, newest first (MlflowException when the model does not exist)."""
+    tracker.client.get_registered_model(name)
+    found = tracker.client.search_model_versions(f"name = '{_quote(name)}'", max_results=10_000)
+    versions = [get_version(tracker, name, int(mv.version)) for mv in found]
+    return sorted(versions, key=lambda v: -v.version)
+
+
+def model_aliases(tracker: Tracker, name: str) -> dict[str, int]:
+    rm: Any = tracker.client.get_registered_model(name)
+    return {str(k): int(v) for k, v in (getattr(rm, "aliases", None) or {}).items()}
+
+
+def alias_version(tracker: Tracker, name: str, alias: str) -> int | None:
+    """The version ``alias`` points at, or None when the alias is not set."""
+    return model_aliases(tracker, name).get(alias)
+
+
+def set_alias(tracker: Tracker, name: str, alias: str, version: int) -> None:
+    tracker.client.set_registered_model_alias(name, alias, str(version))
+
+
+def delete_alias(tracker: Tracker, name: str, alias: str) -> None:
+    with contextlib.suppress(MlflowException):  # not set: nothing to delete
+        tracker.client.delete_registered_model_alias(name, alias)
+
+
+def set_version_tags(tracker: Tracker, name: str, version: int, tags: Mapping[str, str]) -> None:
+    for key, value in tags.items():
+        tracker.client.set_model_version_tag(name, str(version), key, value)
+
+
+def _quote(text: str) -> str:
+    return text.replace("'", "\\'")
+
+
+def model_tags(tracker: Tracker, name: str) -> dict[str, str]:
+    rm: Any = tracker.client.get_registered_model(name)
+    return dict(rm.tags or {})
+
+
+def set_model_tag(tracker: Tracker, name: str, key: str, value: str) -> None:
+    tracker.client.set_registered_model_tag(name, key, value)

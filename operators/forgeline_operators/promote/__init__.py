@@ -1,0 +1,1 @@
+"""Promotion of registered model versions: gates, aliases, the production endpoint, history."""
