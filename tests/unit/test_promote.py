@@ -149,9 +149,10 @@ def test_approval_gate_blocks_until_approved(home: Path) -> None:
 def test_concurrent_promotion_of_the_same_model_conflicts(home: Path) -> None:
     uri = _uri(home)
     _register(home, {})
-    with service._lock(home, NAME, "someone"):  # another promotion holds the model
-        with pytest.raises(service.ConflictError, match="another promotion of 'demo-model' is in progress"):
-            service.promote(home, uri, NAME, actor="bob")
+    busy = "another promotion of 'demo-model' is in progress"
+    # another promotion holds the model
+    with service._lock(home, NAME, "someone"), pytest.raises(service.ConflictError, match=busy):
+        service.promote(home, uri, NAME, actor="bob")
     assert service.promote(home, uri, NAME, actor="bob").outcome == "promoted"
 
 

@@ -6,6 +6,8 @@ and a crashed run resumes from the first unfinished stage. Operators see only :m
 """
 
 from forgeline.runtime._driver import (
+    SUBMITTER_ENV,
+    TAG_SUBMITTER,
     Driver,
     RunSettings,
     RunSummary,
@@ -27,6 +29,8 @@ from forgeline.runtime.context import (
 )
 
 __all__ = [
+    "SUBMITTER_ENV",
+    "TAG_SUBMITTER",
     "DatasetInput",
     "Driver",
     "GateFailed",

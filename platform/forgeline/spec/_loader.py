@@ -105,9 +105,10 @@ def _index_positions(node: Any, prefix: str, smap: SourceMap) -> None:
             _index_positions(node[key], path, smap)
     elif isinstance(node, CommentedSeq):
         for i, item in enumerate(node):
-            line, col = node.lc.item(i)
             path = f"{prefix}[{i}]"
-            smap.positions[path] = (line + 1, col + 1)
+            pos = node.lc.item(i)
+            if pos is not None:  # a tagged flow sequence (`!!tag [x]`) records no item positions
+                smap.positions[path] = (pos[0] + 1, pos[1] + 1)
             _index_positions(item, path, smap)
 
 
