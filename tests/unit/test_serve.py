@@ -227,7 +227,8 @@ def test_operators_registered() -> None:
     op = reg.operator("deploy", deploy.backend_name())
     assert op is not None and op.backend == "triton"
     nim = DeployStage(name="d", kind="deploy", runtime="nim", repository="x")
-    assert reg.operator("deploy", nim.backend_name()) is None  # NIM: Kubernetes, a later operator
+    nim_op = reg.operator("deploy", nim.backend_name())  # NIM: the kubernetes target only (NIMService)
+    assert nim_op is not None and nim_op.entrypoint == op.entrypoint
 
 
 def test_endpoint_records_prune_dead(tmp_path: Path) -> None:

@@ -19,24 +19,13 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+# Built-in kinds are checked by the one validator every Kubernetes manifest of Forgeline goes through.
+from forgeline_operators.kube.validate import K8S_VERSION
+from forgeline_operators.kube.validate import validate_builtin as _builtin
+
 __all__ = ["K8S_VERSION", "validate_k8s", "validate_ray_job", "validate_rayjob"]
 
-K8S_VERSION = "1.31"
 RAYJOB_SCHEMA = Path(__file__).parent / "schemas" / "kuberay-v1.7.0-rayjob-v1.json"
-
-
-def _builtin(obj: dict[str, Any], where: str) -> list[str]:
-    import kubernetes_validate
-    from kubernetes_validate.utils import SchemaNotFoundError, ValidationError
-
-    try:
-        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
-    except SchemaNotFoundError:
-        return [f"{where}: no Kubernetes {K8S_VERSION} schema for {obj.get('apiVersion')}/{obj.get('kind')}"]
-    except ValidationError as e:
-        path = ".".join(str(p) for p in e.absolute_path)
-        return [f"{where}: {path}: {e.message}"]
-    return []
 
 
 def _pod_template(template: dict[str, Any], where: str) -> list[str]:
