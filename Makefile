@@ -47,9 +47,11 @@ fmt: venv
 schema: venv
 	$(BIN)/forgeline schema
 
-# Every tier that can run here: unit, integration, slow (k8s once its API server exists; gpu skips
-# cleanly without CUDA).
+# Every tier that can run here: unit, integration, slow, k8s (a real kube-apiserver from
+# scripts/kube_binaries.sh: the first run on a fresh machine builds it, ~6-20 min, cached in
+# ~/.cache/forgeline); gpu skips cleanly without CUDA.
 test: lint
+	timeout 1800 bash scripts/kube_binaries.sh >/dev/null
 	$(BIN)/pytest -q --timeout=600 tests
 
 test-unit: venv

@@ -3,13 +3,15 @@
 # Debian bookworm's `kubernetes` source package (no binary ships on PyPI/npm/Debian; FACTS.md).
 # Idempotent: the binaries are cached outside the repo, keyed by the Debian version, so a warm
 # machine (and CI on it) pays the ~6 min build once. Prints the cache directory on stdout.
-# Needs root for apt-get (CI and these machines run as root).
+# Needs root for apt-get (CI and these machines run as root). `--dir` only prints the cache directory
+# (tests use it to find the binaries without ever building them).
 set -euo pipefail
 
 DEB_VERSION="1.20.5+really1.20.2-1.1+deb12u1"
 CACHE_ROOT="${FORGELINE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/forgeline}"
 OUT="$CACHE_ROOT/kube-${DEB_VERSION//+/_}"
 BINARIES=(kube-apiserver kube-controller-manager etcd)
+if [[ "${1:-}" == "--dir" ]]; then echo "$OUT"; exit 0; fi
 
 have_all() { for b in "${BINARIES[@]}"; do [[ -x "$OUT/$b" ]] || return 1; done; }
 if have_all; then echo "$OUT"; exit 0; fi

@@ -8,11 +8,12 @@ tensorrt-llm: the stage renders and validates both build forms into ``artifact``
 for a TRT-LLM checkpoint, ``extra_llm_api_options.yaml`` for the PyTorch backend, ``build_spec.json``)
 and, where ``tensorrt_llm`` imports and a GPU is present, builds the engine with ``trtllm-build``.
 Elsewhere it fails with :data:`CPU_STOP` after printing the rendered spec (the stage log keeps it;
-the runtime discards a failed stage's outputs). Built engines are cached by content key
-(:func:`trtllm.engine_key`: checkpoint digest + build settings + TensorRT-LLM version + GPU SM) under
-``$FORGELINE_ENGINE_CACHE`` or ``<home>/engine-cache/<key>``, shared by every workflow on the node; a
-hit copies the engine instead of building. The engine build and the cache hit path need a GPU and
-are untested here; the key, the cache store and lookup are unit-tested.
+the runtime discards a failed stage's outputs). With the workflow's ``target: kubernetes`` the stage
+applies an ``EngineBuild`` and waits on its status instead (:mod:`.kube_target`). Built engines are
+cached by content key (:func:`trtllm.engine_key`: checkpoint digest + build settings + TensorRT-LLM
+version + GPU SM) under ``$FORGELINE_ENGINE_CACHE`` or ``<home>/engine-cache/<key>``, shared by every
+workflow on the node; a hit copies the engine instead of building. The engine build and the cache hit
+path need a GPU and are untested here; the key, the cache store and lookup are unit-tested.
 """
 
 from __future__ import annotations
@@ -203,6 +204,11 @@ def run_tensorrt_llm(ctx: StageContext) -> StageResult:
     print(f"extra_llm_api_options.yaml:\n{(out / 'extra_llm_api_options.yaml').read_text()}")
     if summary["trtllm_build"]:
         print("trtllm-build:\n" + trtllm.shell(summary["trtllm_build"]))
+    if getattr(ctx.workflow, "target", "local") == "kubernetes":
+        # A GPU node builds it: an EngineBuild resource, reconciled by the build controller.
+        from forgeline_operators.build.kube_target import build_on_kubernetes
+
+        return build_on_kubernetes(ctx, summary, src, out)
     missing = _gpu_status()
     if missing is not None:
         raise OperatorError(CPU_STOP.format(version=trtllm.TRTLLM_VERSION, found=missing))
