@@ -128,9 +128,18 @@ def operator_specs() -> list[OperatorSpec]:
             backend="triton",
             entrypoint="forgeline_operators.deploy.operator:run",
             version="1",
-            capabilities=Capabilities(cpu=True, gpu=False),
+            # gpu=True: on `target: kubernetes` the stage only applies a ModelEndpoint; its pods get GPUs.
+            capabilities=Capabilities(cpu=True, gpu=True),
             description="Local endpoint: detached tritonserver + OpenAI-compatible front.",
             cache_check="forgeline_operators.deploy.operator:cache_check",
+        ),
+        OperatorSpec(
+            kind="deploy",
+            backend="nim",
+            entrypoint="forgeline_operators.deploy.operator:run",
+            version="1",
+            capabilities=Capabilities(cpu=True, gpu=True),
+            description="Kubernetes only: a ModelEndpoint whose revisions are NIMServices (NIM operator).",
         ),
         OperatorSpec(
             kind="promote",

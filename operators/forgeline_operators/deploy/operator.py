@@ -1,8 +1,8 @@
-"""``run(ctx)`` of the deploy stage, local target: a detached tritonserver + OpenAI front.
-
-The endpoint outlives the workflow run (like ``docker run -d``) and is recorded under
-``<home>/endpoints/``; rerunning replaces the endpoint of the same name. The output is the URL. A
-Kubernetes target (ModelEndpoint CR → Triton Deployment / NIMService) is a later operator.
+"""``run(ctx)`` of the deploy stage. Local target: a detached tritonserver + OpenAI front; the endpoint
+outlives the workflow run (like ``docker run -d``) and is recorded under ``<home>/endpoints/``; rerunning
+replaces the endpoint of the same name. Kubernetes target: a ``ModelEndpoint`` applied to the cluster of
+the current kubeconfig and watched until its controller reports it Ready
+(:mod:`forgeline_operators.deploy.kube_target`). The output is the endpoint's URL.
 """
 
 from __future__ import annotations
@@ -21,8 +21,10 @@ __all__ = ["run"]
 
 def run(ctx: StageContext) -> StageResult:
     stage = ctx.stage
+    if ctx.workflow.target == "kubernetes":
+        return _run_kubernetes(ctx)
     if ctx.workflow.target != "local":
-        raise OperatorError(f"deploy target {ctx.workflow.target!r} is not available yet; use target: local")
+        raise OperatorError(f"deploy target {ctx.workflow.target!r} is unknown; use local or kubernetes")
     if stage.runtime != "triton":
         raise OperatorError(
             "runtime 'nim' deploys to Kubernetes only (NIMService); use runtime: triton locally"
@@ -54,9 +56,32 @@ def run(ctx: StageContext) -> StageResult:
     return StageResult(outputs={"endpoint": rec.url}, metrics={"port": float(rec.port)})
 
 
+def _run_kubernetes(ctx: StageContext) -> StageResult:
+    from forgeline_operators.deploy.kube_target import deploy, endpoint_spec
+    from forgeline_operators.kube.client import NoCluster, connect
+
+    stage = ctx.stage
+    name = stage.endpoint_name or ctx.workflow.name
+    try:
+        # Never materialized here: pods read the repository from `kubernetes.repository` or the URI itself.
+        spec = endpoint_spec(stage, str(stage.repository))
+        kube = connect()
+        status = deploy(kube, name, spec, log=ctx.logger.info)
+    except (NoCluster, ValueError) as e:
+        raise OperatorError(str(e)) from None
+    url = str(status.get("url") or "")
+    ctx.set_tags({"forgeline.endpoint.url": url, "forgeline.endpoint.name": name,
+                  "forgeline.endpoint.revision": str(status.get("currentRevision"))})  # fmt: skip
+    return StageResult(outputs={"endpoint": url})
+
+
 def cache_check(record: StageRecord, home: Path, tracking_uri: str) -> str | None:
     """A cached deploy is valid only while its endpoint is still up and ready."""
     url = str(record.outputs.get("endpoint", {}).get("value", ""))
+    if ".svc.cluster.local" in url:
+        # Re-applying a ModelEndpoint is idempotent (an unchanged spec is the same revision, Ready at once)
+        # and is the only way to learn the cluster still serves it: never reuse the record.
+        return f"kubernetes endpoint {url} is re-applied on every run"
     if not any(rec.url == url for rec in list_endpoints(home)):
         return f"endpoint {url} is no longer running"
     try:
