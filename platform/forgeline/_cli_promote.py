@@ -72,6 +72,13 @@ def promote(
         typer.Option("--endpoint", help="Local production endpoint (default: the one this alias used)."),
     ] = None,
     port: Annotated[int | None, typer.Option("--port", help="Port if the endpoint must start.")] = None,
+    target: Annotated[
+        str | None,
+        typer.Option(
+            "--target", help="`local` (tritonserver here) or `kubernetes` (the ModelEndpoint NAME)."
+        ),
+    ] = None,
+    namespace: Annotated[str, typer.Option("--namespace", help="ModelEndpoint namespace.")] = "default",
     gates: Annotated[
         Path | None, typer.Option("--gates", help="YAML file of gates (the promote stage's `gates:`).")
     ] = None,
@@ -86,9 +93,11 @@ def promote(
     from forgeline_operators.promote import service
 
     h, uri = _context(home, tracking_uri)
+    if target not in (None, "local", "kubernetes"):
+        raise _die(f"--target {target!r}: use local or kubernetes")
     spec: Any = endpoint
-    if endpoint and port:
-        spec = PromoteEndpointSpec(name=endpoint, port=port)
+    if endpoint and (port or target or namespace != "default"):
+        spec = PromoteEndpointSpec(name=endpoint, port=port, target=target, namespace=namespace)
     try:
         record = service.promote(
             h,

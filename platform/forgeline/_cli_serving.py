@@ -12,7 +12,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -134,15 +134,24 @@ def endpoints(
 
     h = _home(home)
     if action is None:
+        from forgeline_operators.promote.local import live_dir, serving_state
+
+        def version_of(r: Any) -> str | None:
+            # Production endpoints (promotion-managed) say which registered version they serve.
+            live = Path(r.repository) == live_dir(h, r.name) / "repository"
+            state = serving_state(h, r.name) if live else None
+            return f"{state['registered_model']}/{state['version']}" if state else None
+
         recs = list_endpoints(h)
         if as_json:
-            print(json.dumps([r.__dict__ for r in recs], indent=2))
+            print(json.dumps([{**r.__dict__, "serving_version": version_of(r)} for r in recs], indent=2))
             return
         table = Table(title=f"endpoints ({h})")
-        for col in ("name", "url", "model", "pid", "ready", "repository"):
+        for col in ("name", "url", "model", "version", "pid", "ready", "repository"):
             table.add_column(col)
         for r in recs:
-            table.add_row(r.name, r.url, r.model, str(r.pid), "yes" if r.ready else "no", r.repository)
+            ready = "yes" if r.ready else "no"
+            table.add_row(r.name, r.url, r.model, version_of(r) or "-", str(r.pid), ready, r.repository)
         out.print(table)
         return
     if action != "stop":

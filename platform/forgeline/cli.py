@@ -7,6 +7,7 @@ shows one); a failed stage exits 1 with its error; Ctrl-C exits 130 after markin
 
 from __future__ import annotations
 
+import enum
 import json
 import os
 import shutil
@@ -180,7 +181,10 @@ def _run(
     resume_run_id: str | None = None,
     text: str | None = None,
     selection: Selection | None = None,
+    target: str | None = None,
 ) -> None:
+    import dataclasses
+
     from forgeline.plan import Selection
     from forgeline.runtime import RaySettings, RunSettings, StageFailed, run_workflow
     from forgeline.runtime._progress import Progress
@@ -189,6 +193,8 @@ def _run(
         loaded = load_workflow(file, text=text)
     except WorkflowError as e:
         raise _fail(e, verbose) from None
+    if target is not None:  # --target: where endpoints go this time, the file unchanged
+        loaded = dataclasses.replace(loaded, workflow=loaded.workflow.model_copy(update={"target": target}))
     selection = selection or Selection()
     settings = RunSettings(
         home=_home(home),
@@ -253,6 +259,11 @@ RayAddress = Annotated[
 NoCache = Annotated[bool, typer.Option("--no-cache", help="Rerun every stage.")]
 
 
+class Target(enum.StrEnum):
+    local = "local"
+    kubernetes = "kubernetes"
+
+
 @app.command()
 def run(
     file: Annotated[Path, typer.Argument(help="Workflow file.")],
@@ -262,12 +273,24 @@ def run(
     rerun_from: RerunFrom = None,
     home: Home = None,
     verbose: Verbose = False,
+    target: Annotated[
+        Target | None,
+        typer.Option("--target", help="Where endpoints go, overriding the workflow's `target:`."),
+    ] = None,
 ) -> None:
     """Run a workflow. Finished stages are reused (cache); a rerun continues where it stopped."""
     from forgeline.plan import Selection
 
     selection = Selection(tuple(only or ()), tuple(rerun_from or ()))
-    _run(file, home, ray_address, no_cache, verbose, selection=selection)
+    _run(
+        file,
+        home,
+        ray_address,
+        no_cache,
+        verbose,
+        selection=selection,
+        target=target.value if target else None,
+    )
 
 
 @app.command()
@@ -565,12 +588,24 @@ def schema(
         "docs/workflow-reference.md"
     ),
     check: Annotated[bool, typer.Option("--check", help="Exit 1 if a file is stale.")] = False,
+    crds: Annotated[
+        Path | None,
+        typer.Option(help="Directory of the generated CRDs (default: k8s/crds when -o is the default)."),
+    ] = None,
 ) -> None:
-    """Write the workflow JSON Schema (for editors) and the reference docs; --check verifies them."""
+    """Write the workflow JSON Schema (for editors), the reference docs and the Kubernetes CRDs; --check
+    verifies them."""
     from forgeline.spec import reference_markdown
 
+    files = [(output, schema_json()), (reference, reference_markdown())]
+    if crds is None and output == Path("workflows/schema.json"):
+        crds = Path("k8s/crds")
+    if crds is not None:
+        from forgeline_operators.kube.crds import crd_files
+
+        files += [(crds / name, text) for name, text in crd_files().items()]
     stale = []
-    for path, text in ((output, schema_json()), (reference, reference_markdown())):
+    for path, text in files:
         if check:
             if not path.exists() or path.read_text() != text:
                 stale.append(path)
@@ -586,6 +621,9 @@ def schema(
 
 
 __import__("forgeline._cli_serving", fromlist=["register"]).register(app)  # serve, endpoints, bench
+__import__("forgeline._cli_promote", fromlist=["register"]).register(app)  # promote, rollback, history
+__import__("forgeline._cli_api", fromlist=["register"]).register(app)  # api, api token create
+__import__("forgeline._cli_k8s", fromlist=["register"]).register(app)  # render
 
 
 def main() -> None:

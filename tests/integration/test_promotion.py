@@ -153,6 +153,11 @@ def test_quickstart_twice_promote_under_load_rollback_and_blocked_gate(
     assert int(client.get_model_version_by_alias(MODEL, "production").version) == 1
     assert _triton_version(home) == ["1"]
     assert _greedy(prod_url) == v1_text
+    listing = json.loads(forgeline("endpoints", "--json", home=home).stdout)
+    assert {e["name"]: e["serving_version"] for e in listing} == {
+        "quickstart": None,
+        "quickstart-prod": f"{MODEL}/1",
+    }
 
     gates = workflow.parent / "gates.yaml"
     gates.write_text("slo: {min_tokens_per_s: 1.0e+9, concurrency: 2, requests: 4, max_tokens: 8}\n")

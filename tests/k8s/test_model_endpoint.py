@@ -177,6 +177,8 @@ def test_create_rolling_update_and_delete(k: Kube, namespace: str, cluster_env: 
             st["currentRevision"] == r1 and st["trafficSplit"] == {r1: 100} and st["observedGeneration"] == 1
         )
         assert _conds(st) == {"Ready": "True", "Progressing": "False", "Degraded": "False"}
+        # No finalizer: nothing outside the cluster to clean up, so deletion never waits on the operator.
+        assert not (k.get(*ME, "chat", namespace) or {})["metadata"].get("finalizers")
         dep = _deployments(k, namespace, "chat")[r1]
         assert dep["spec"]["replicas"] == 2
         assert dep["metadata"]["ownerReferences"][0]["uid"] == made["metadata"]["uid"]
@@ -300,3 +302,52 @@ def test_deploy_stage_kubernetes_target(k: Kube, namespace: str, cluster_env: Me
     newer = spec.model_copy(update={"model": spec.model.model_copy(update={"version": "quickstart/2"})})
     with pytest.raises(OperatorError, match="is the forgeline operator running"):
         deploy(k, "quickstart", newer, timeout_s=1, interval_s=0.2)
+
+
+def test_promotion_rolls_the_endpoint_and_moves_the_alias_only_when_ready(
+    k: Kube, namespace: str, cluster_env: MetricsServer, home: Any
+) -> None:
+    """Issue 8's Kubernetes half: ``promote`` changes the ModelEndpoint's model, waits for the canary,
+    and moves ``production`` only once the new revision serves; a canary the gates roll back leaves the
+    alias where it was and the resource's model restored."""
+    from forgeline.spec._models import PromoteEndpointSpec
+    from forgeline.tracking import Tracker, model_aliases, register_version, resolve_settings
+    from forgeline_operators.promote import service
+
+    uri = resolve_settings(None, "", home).uri
+    tracker = Tracker(uri)
+    versions = [
+        register_version(tracker, "llama", f"s3://models/llama/{i}", None, {"forgeline.sha256": f"{i}" * 64})
+        for i in (1, 2)
+    ]
+    canary = {"strategy": "canary", "steps": [50, 100], "step_interval_s": 1}
+    gates = {"p95_ttft_ms": 300, "error_rate": 0.02}
+    _apply(k, namespace, "chat", _spec(namespace, "s3://models/llama/0", **canary, gates=gates))
+    endpoint = PromoteEndpointSpec(name="chat", target="kubernetes", namespace=namespace, timeout_s=60)
+    cluster_env.serve(ttft_s=0.05, ok=100, failed=0)
+    with operator(namespace):
+        _status_until(k, namespace, "chat", lambda s: s.get("phase") == "Ready", "Ready")
+        first = service.promote(
+            home, uri, "llama", version=versions[0].version, endpoint=endpoint, actor="ci"
+        )
+        assert first.outcome == "promoted" and first.endpoint and first.endpoint["revision"]
+        st = (k.get(*ME, "chat", namespace) or {})["status"]
+        assert st["modelVersion"] == "llama/1" and st["trafficSplit"] == {first.endpoint["revision"]: 100}
+
+        cluster_env.serve(ttft_s=0.8, ok=90, failed=10)  # version 2's canary is slow and failing
+        with pytest.raises(service.PromotionError, match=r"rolled back: .*p95 TTFT"):
+            service.promote(
+                home, uri, "llama", version=versions[1].version, actor="ci"
+            )  # endpoint remembered
+        assert model_aliases(tracker, "llama") == {"production": 1}
+        body = k.get(*ME, "chat", namespace) or {}
+        assert body["spec"]["model"]["uri"] == "s3://models/llama/1"  # restored: it says what serves
+
+        cluster_env.serve(ttft_s=0.05, ok=100, failed=0)
+        second = service.promote(home, uri, "llama", version=versions[1].version, actor="ci")
+        assert second.outcome == "promoted"
+        assert model_aliases(tracker, "llama") == {"production": 2, "previous": 1}
+        st = (k.get(*ME, "chat", namespace) or {})["status"]
+        assert st["phase"] == "Ready" and st["modelVersion"] == "llama/2" and st["lastGate"]["passed"]
+    outcomes = [h.outcome for h in service.history(uri, "llama")]
+    assert outcomes == ["promoted", "failed", "promoted"]

@@ -7,8 +7,9 @@ revisions it drops and writes ``status``. Kinds the server does not serve (``aut
 skipped by discovery and logged once; their manifests are validated offline instead.
 
 Triggers: create / spec update / resume (a restarted operator continues from ``status``), every event of
-a child Deployment (``forgeline.dev/endpoint`` label), and a timer (``FORGELINE_ENDPOINT_RESYNC_S``,
-default 5 s) that moves canary steps on as their windows end.
+a child Deployment (``forgeline.dev/endpoint`` label), and a resync thread (``FORGELINE_ENDPOINT_RESYNC_S``,
+default 5 s) that moves canary steps on as their windows end (not a kopf timer, which would put a
+finalizer on every endpoint).
 """
 
 from __future__ import annotations
@@ -175,14 +176,45 @@ def _configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
 def _on_change(namespace: str | None, name: str, **_: Any) -> None:
-    step(_kube(), namespace or "", name)
-
-
-@kopf.timer(GROUP, VERSION, PLURAL, interval=TIMER_S, initial_delay=TIMER_S)
-def _resync(namespace: str | None, name: str, **_: Any) -> None:
+    _known.add((namespace or "", name))
     step(_kube(), namespace or "", name)
 
 
 @kopf.on.event("apps", "v1", "deployments", labels={ENDPOINT_LABEL: kopf.PRESENT})
 def _on_deployment(namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
+    _known.add((namespace or "", labels[ENDPOINT_LABEL]))
     step(_kube(), namespace or "", labels[ENDPOINT_LABEL])
+
+
+# Canary windows end with no Kubernetes event to react to, so a resync thread steps every endpoint this
+# operator has seen. Not a kopf timer: kopf puts a finalizer on every resource a timer watches, and an
+# endpoint then cannot be deleted while the operator is down -- finalizers are for external cleanup only,
+# and a ModelEndpoint has none (its children are garbage-collected through owner references).
+_known: set[tuple[str, str]] = set()
+_resync: dict[str, Any] = {}
+
+
+def _resync_loop(stop: threading.Event) -> None:
+    while not stop.wait(TIMER_S):
+        for namespace, name in sorted(_known):
+            try:
+                if step(_kube(), namespace, name) is None:
+                    _known.discard((namespace, name))
+            except Exception:  # one endpoint's trouble must not stop the others' rollouts
+                _log.exception("resync of ModelEndpoint %s/%s failed", namespace, name)
+
+
+@kopf.on.startup()
+def _start_resync(**_: Any) -> None:
+    stop = threading.Event()
+    thread = threading.Thread(target=_resync_loop, args=(stop,), name="forgeline-resync", daemon=True)
+    _resync.update(stop=stop, thread=thread)
+    thread.start()
+
+
+@kopf.on.cleanup()
+def _stop_resync(**_: Any) -> None:
+    if "stop" in _resync:
+        _resync["stop"].set()
+        _resync["thread"].join(timeout=TIMER_S + 30)
+    _known.clear()

@@ -187,6 +187,8 @@ def _triton_pod(spec: ModelEndpointSpec, labels: dict[str, str]) -> dict[str, An
             "--http-port=8000",
             "--grpc-port=8001",
             "--metrics-port=8002",
+            # First-response latency histograms: the canary's p95 TTFT gate reads them (gate_metrics).
+            "--metrics-config=histogram_latencies=true",
             "--exit-on-error=true",
         ],
         "ports": [

@@ -240,12 +240,17 @@ def _is_verbatim(field: Any) -> bool:
 
 
 def to_wire(value: Any) -> Any:
-    """A model's values in CR form: camelCase field names, ``None`` left out, map keys unchanged."""
+    """A model's values in CR form: camelCase field names, ``None`` and empty defaults left out, map
+    keys unchanged."""
     if isinstance(value, BaseModel):
         out: dict[str, Any] = {}
         for name, field in type(value).model_fields.items():
             item = getattr(value, name)
             if item is None or field.exclude:
+                continue
+            if item == "" and field.default == "":
+                # Left out like None: the default comes back on read, and some API servers (1.20)
+                # store "" in a custom resource as null and then reject it as not a string.
                 continue
             key = camel(field.alias or name)
             out[key] = (

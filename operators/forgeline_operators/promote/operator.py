@@ -22,11 +22,9 @@ def run(ctx: StageContext) -> StageResult:
     stage = ctx.stage
     if ctx.tracking_uri is None:
         raise OperatorError("promote needs a tracking URI (the runtime provides one)")
-    if ctx.workflow.target != "local" and stage.endpoint is not None:
-        raise OperatorError(
-            f"promote: endpoint switching on target {ctx.workflow.target!r} is not available yet; "
-            "drop `endpoint:` to move the alias only"
-        )
+    endpoint = stage.endpoint
+    if endpoint is not None and endpoint.target is None:  # the workflow's target decides
+        endpoint = endpoint.model_copy(update={"target": ctx.workflow.target})
     version = int(ctx.values(stage.version)) if stage.version is not None else None
     candidate = str(ctx.values(stage.candidate_endpoint)) if stage.candidate_endpoint else None
     actor = os.environ.get("FORGELINE_SUBMITTER") or None
@@ -39,7 +37,7 @@ def run(ctx: StageContext) -> StageResult:
             from_alias=stage.from_alias,
             to_alias=stage.to_alias,
             gates=stage.gates,
-            endpoint=stage.endpoint,
+            endpoint=endpoint,
             candidate_endpoint=candidate,
             actor=actor,
             threads=ctx.threads,

@@ -17,8 +17,7 @@ the version it replaces is kept as ``previous`` (``<alias>-previous`` for other 
 
 The production endpoint a model uses is remembered on the registered model
 (``forgeline.endpoint.<alias>`` tag), so later promotions and rollbacks find it by model name. On the
-kubernetes target, promotion updates the ``ModelEndpoint`` resource instead (the Kubernetes half of
-the issue; not in this module yet).
+kubernetes target, step 3 is the ``ModelEndpoint``'s own rollout (:mod:`.kube`).
 """
 
 from __future__ import annotations
@@ -178,11 +177,49 @@ def _version(tracker: Tracker, name: str, version: int | None, from_alias: str) 
 
 
 def _serves(home: Path, spec: PromoteEndpointSpec, version: int, name: str) -> bool:
+    if spec.target == "kubernetes":
+        return False  # the rollout call itself is idempotent (it returns at once when already serving)
     state = serving_state(home, spec.name)
     running = any(r.name == spec.name for r in list_endpoints(home))
     return bool(
         running and state and state.get("version") == version and state.get("registered_model") == name
     )
+
+
+def _point(
+    home: Path, spec: PromoteEndpointSpec, name: str, version: RegisteredVersion, threads: int
+) -> dict[str, Any]:
+    """Make the endpoint serve ``version`` (and wait until it does); what to record about it."""
+    if spec.target == "kubernetes":
+        from forgeline_operators.kube.client import NoCluster, connect
+        from forgeline_operators.promote.kube import point_model_endpoint
+
+        try:
+            kube = connect()
+        except NoCluster as e:
+            raise PromotionError(str(e)) from None
+        status = point_model_endpoint(
+            kube,
+            spec.name,
+            spec.namespace,
+            uri=version.uri,
+            sha256=version.tags.get("forgeline.sha256"),
+            version_label=f"{name}/{version.version}",
+            timeout_s=spec.timeout_s,
+        )
+        return {**spec.model_dump(), "url": status.get("url"), "revision": status.get("currentRevision")}
+    rec, started = point_endpoint(
+        home,
+        spec.name,
+        _local_path(version.uri),
+        version.version,
+        registered_model=name,
+        port=spec.port,
+        scheduler=spec.scheduler,
+        threads=threads,
+        timeout_s=spec.timeout_s,
+    )
+    return {**spec.model_dump(), "url": rec.url, "started": started}
 
 
 def _finish(tracker: Tracker, record: PromotionRecord, started: float, home: Path) -> PromotionRecord:
@@ -314,22 +351,12 @@ def promote(
             raise GateFailed(record.message, record)
         if spec is not None:
             try:
-                rec, started_now = point_endpoint(
-                    home,
-                    spec.name,
-                    _local_path(candidate.uri),
-                    candidate.version,
-                    registered_model=name,
-                    port=spec.port,
-                    scheduler=spec.scheduler,
-                    threads=threads,
-                )
+                record.endpoint = _point(home, spec, name, candidate, threads)
             except (EndpointError, PromotionError) as e:
                 record.outcome = "failed"
                 record.message = f"{to_alias} stays at version {current}: {e}"
                 _finish(tracker, record, t0, home)
                 raise PromotionError(record.message, record) from None
-            record.endpoint = {**spec.model_dump(), "url": rec.url, "started": started_now}
             set_model_tag(tracker, name, _ENDPOINT_TAG + to_alias, spec.model_dump_json())
         if alias_version(tracker, name, to_alias) != current:
             record.outcome = "failed"
@@ -390,22 +417,12 @@ def rollback(
         )
         if spec is not None:
             try:
-                rec, _ = point_endpoint(
-                    home,
-                    spec.name,
-                    _local_path(version.uri),
-                    target,
-                    registered_model=name,
-                    port=spec.port,
-                    scheduler=spec.scheduler,
-                    threads=threads,
-                )
+                record.endpoint = _point(home, spec, name, version, threads)
             except (EndpointError, PromotionError) as e:
                 record.outcome = "failed"
                 record.message = f"{to_alias} stays at version {current}: {e}"
                 _finish(tracker, record, t0, home)
                 raise PromotionError(record.message, record) from None
-            record.endpoint = {**spec.model_dump(), "url": rec.url}
         set_alias(tracker, name, to_alias, target)
         before = _version_before(tracker, name, target, to_alias)
         if before is not None and before != target:

@@ -192,6 +192,9 @@ class Planner:
             operator_version=op.version if op else "not-installed",
             params=stage_params(stage),
         )
+        if _kind(stage) in _TARGET_BOUND:
+            # Where the result lives: a local endpoint's record must not stand for a cluster rollout.
+            ki.params = {**ki.params, "workflow.target": self.workflow.target}
         for fpath, ds in stage.dataset_refs().items():
             ki.datasets[fpath] = self.dataset_sha.get(ds, "missing")
         refs = stage.refs()
@@ -545,6 +548,10 @@ def distill_memory(shape: ModelShape, seq_len: int, micro_batch: int) -> MemoryE
     est.parts["teacher (frozen) + its logits"] = shape.parameters * 4 + est.parts.get("logits", 0) // 2
     est.notes.append("student sized as the teacher (upper bound)")
     return MemoryEstimate(sum(est.parts.values()), est.parts, est.notes)
+
+
+# Stage kinds whose result depends on the workflow's target (local endpoint vs cluster resource).
+_TARGET_BOUND = frozenset({"deploy", "build", "promote"})
 
 
 def _kind(stage: StageBase) -> str:

@@ -789,6 +789,9 @@ class KubernetesDeploySpec(StrictModel):
     metrics_url: str | None = Field(
         default=None, description="Prometheus base URL for rollout gates (default: scrape the canary pods)."
     )
+    gateway: str | None = Field(
+        default=None, description="Gateway (`NAME` or `NAMESPACE/NAME`) the weighted HTTPRoute attaches to."
+    )
 
 
 class DeployStage(StageBase):
@@ -874,8 +877,17 @@ class PromotionGates(StrictModel):
 
 class PromoteEndpointSpec(StrictModel):
     name: str = Field(description="Name of the production endpoint.", pattern=NAME_PATTERN)
+    target: Literal["local", "kubernetes"] | None = Field(
+        default=None,
+        description=(
+            "`local`: a tritonserver on this machine, started or hot-swapped; `kubernetes`: the "
+            "`ModelEndpoint` of that name, rolled out per its strategy (default: the workflow's target)."
+        ),
+    )
+    namespace: str = Field(default="default", description="Namespace of the ModelEndpoint (kubernetes).")
     port: int | None = Field(default=None, ge=1, le=65535, description="Local port when it starts.")
-    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec, description="Batching limits.")
+    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec, description="Batching limits (local).")
+    timeout_s: float = Field(default=900, gt=0, description="Deadline for the endpoint to serve the version.")
 
 
 class PromoteStage(StageBase):
