@@ -277,10 +277,26 @@ def run(
         Target | None,
         typer.Option("--target", help="Where endpoints go, overriding the workflow's `target:`."),
     ] = None,
+    on: Annotated[
+        str | None,
+        typer.Option("--on", help="`kubernetes`: submit the whole workflow as a KubeRay RayJob and return."),
+    ] = None,
+    namespace: Annotated[
+        str, typer.Option("--namespace", help="Namespace of the RayJob (--on).")
+    ] = "default",
+    artifacts_pvc: Annotated[
+        str, typer.Option("--artifacts-pvc", help="PVC holding the Forgeline home on the cluster (--on).")
+    ] = "forgeline-artifacts",
+    image: Annotated[
+        str | None, typer.Option("--image", help="Forgeline image for the Ray pods (--on).")
+    ] = None,
 ) -> None:
     """Run a workflow. Finished stages are reused (cache); a rerun continues where it stopped."""
     from forgeline.plan import Selection
 
+    if on is not None:
+        _submit(file, on, namespace, artifacts_pvc, image, verbose)
+        return
     selection = Selection(tuple(only or ()), tuple(rerun_from or ()))
     _run(
         file,
@@ -291,6 +307,28 @@ def run(
         selection=selection,
         target=target.value if target else None,
     )
+
+
+def _submit(file: Path, on: str, namespace: str, pvc: str, image: str | None, verbose: bool) -> None:
+    """``run --on kubernetes``: the workflow (+ small datasets) as a ConfigMap and a KubeRay RayJob."""
+    if on != "kubernetes":
+        raise _fail(ValueError(f"--on {on!r}: the only cluster kind is `kubernetes`"), verbose)
+    from forgeline_operators.kube import kuberay
+    from forgeline_operators.kube.client import NoCluster, connect
+    from forgeline_operators.kube.submit import SubmitError, submission, submit
+
+    loaded = _load(file, verbose)
+    try:
+        objects = submission(
+            loaded, namespace=namespace, artifacts_pvc=pvc, image=image or kuberay.FORGELINE_IMAGE
+        )
+        job = submit(connect(), objects)
+    except (SubmitError, NoCluster) as e:
+        raise _fail(e, verbose) from None
+    name = job["metadata"]["name"]
+    out.print(f"submitted RayJob {namespace}/{name} (uid {job['metadata'].get('uid')})", highlight=False)
+    out.print(f"  watch: kubectl -n {namespace} get rayjob {name} -w", highlight=False)
+    out.print(f"  logs:  kubectl -n {namespace} logs -l job-name={name} -f", highlight=False)
 
 
 @app.command()

@@ -41,7 +41,9 @@ def test_render_example_output_validates_strict(path: Path, tmp_path: Path) -> N
     docs = _docs(text)
     assert validate_manifests(docs) == []
     assert _kinds(docs)[-2:] == ["ConfigMap", "RayJob"]  # --on kubernetes: the whole workflow
-    assert docs[-1]["spec"]["entrypoint"].startswith(f"forgeline run /workflows/{path.name}")
+    # Mounted from workflows/ (the examples read ../data/*.jsonl): relative paths still hold.
+    assert docs[-1]["spec"]["entrypoint"].startswith(f"forgeline run /workflows/examples/{path.name}")
+    assert "data__chat_sft.jsonl" in docs[-2]["data"]
     if path.name == "nim-k8s.yaml":
         assert _kinds(docs)[:5] == ["RayJob", "ModelEndpoint", "NIMService", "Service", "HTTPRoute"]
         env = {e["name"]: e["value"] for e in docs[2]["spec"]["env"]}

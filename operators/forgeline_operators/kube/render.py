@@ -174,18 +174,17 @@ def render_workflow(loaded: LoadedWorkflow, settings: RenderSettings) -> list[Do
         elif isinstance(stage, FinetuneStage) and stage.backend == "nemo":
             docs += _finetune(stage, refs)
     if settings.on_kubernetes:
-        from forgeline_operators.kube import kuberay
+        from forgeline_operators.kube.submit import submission
 
-        name = f"forgeline-{wf.name.replace('_', '-')}"[:52]
-        file_name = loaded.path.name
-        docs.append(Doc(kuberay.workflow_configmap(name, settings.namespace, file_name, loaded.text)))
+        # Exactly what `forgeline run FILE --on kubernetes` applies: workflow + datasets, then the RayJob.
+        configmap, rayjob = submission(
+            loaded, namespace=settings.namespace, artifacts_pvc=settings.artifacts_pvc
+        )
         docs.append(
-            Doc(
-                kuberay.workflow_rayjob(
-                    name, settings.namespace, file_name, configmap=name, artifacts_pvc=settings.artifacts_pvc
-                ),
-                ["runs the whole workflow; datasets must be on the artifact PVC at their relative paths"],
-            )
+            Doc(configmap, ["the workflow file and its datasets, at their relative paths under /workflows"])
+        )
+        docs.append(
+            Doc(rayjob, ["runs the whole workflow on its own Ray cluster (KubeRay), then tears it down"])
         )
     return docs
 
