@@ -649,3 +649,16 @@ def test_a_cached_stage_says_so_and_plan_json_is_serialisable(env: Env) -> None:
     assert [s["name"] for s in data["stages"]] == ["up", "down"]
     assert data["stages"][0]["status"] == "cached" and data["problems"] == []
     assert set(data["datasets"]) == {"sft"}
+
+
+def test_cluster_stages_hold_no_local_gpus_on_the_kubernetes_target(tmp_path: Path) -> None:
+    """An EngineBuild or a NeMo RayJob asks the cluster for GPUs; the local task that submits it holds none
+    (on a CPU-only driver machine it would otherwise wait for GPUs forever)."""
+    from forgeline.registry import default_registry
+
+    loaded = load_workflow(Path(__file__).resolve().parents[2] / "workflows/examples/llama3-8b-lora-k8s.yaml")
+    reg = default_registry()
+    plan = Planner(loaded, reg, ModelStore(tmp_path, reg), StageStore(tmp_path / "stages")).build()
+    by_name = {s.name: s for s in plan.stages}
+    assert by_name["sft"].gpus == 8 and by_name["sft"].remote and by_name["sft"].task_resources[1] == 0
+    assert by_name["engine"].gpus == 1 and by_name["engine"].task_resources == (by_name["engine"].cpus, 0)

@@ -67,6 +67,9 @@ class StagePlan:
     problems: list[Problem] = field(default_factory=list)  # block the run
     warnings: list[str] = field(default_factory=list)
     launch: list[str] = field(default_factory=list)  # what the operator would launch, where (describe hook)
+    # True when the stage's GPU work runs on the cluster (workflow `target: kubernetes`: an EngineBuild Job, a
+    # NeMo RayJob): `gpus` is what it asks of the cluster; the local Ray task that submits it holds none.
+    remote: bool = False
 
     @property
     def total_cpus(self) -> float:
@@ -76,7 +79,9 @@ class StagePlan:
     def task_resources(self) -> tuple[float, int]:
         """(CPUs, GPUs) the stage's own Ray task reserves: none when its workers hold them (a
         coordinator holding them too would starve its workers: dp=2 on 2 CPUs would never start)."""
-        return (0.0, 0) if self.workers else (self.cpus, self.gpus)
+        if self.workers:
+            return (0.0, 0)
+        return (self.cpus, 0) if self.remote else (self.cpus, self.gpus)
 
     @property
     def status(self) -> str:
@@ -316,6 +321,11 @@ class Planner:
             cpus=cpus,
             gpus=gpus,
             workers=workers,
+            remote=self.workflow.target == "kubernetes"
+            and (
+                (isinstance(stage, FinetuneStage) and backend == "nemo")
+                or (isinstance(stage, BuildStage) and stage.engine == "tensorrt-llm")
+            ),
         )
 
     # --------------------------------------------------------- estimates

@@ -396,7 +396,7 @@ class Driver:
         total = ray.cluster_resources()
         short = [
             f"{need:g} {res}"
-            for res, need in (("CPU", sp.total_cpus), ("GPU", sp.gpus))
+            for res, need in (("CPU", sp.total_cpus), ("GPU", 0 if sp.remote else sp.gpus))
             if need > total.get(res, 0)
         ]
         if short:
@@ -407,7 +407,7 @@ class Driver:
                 tracker, name, task, {"ok": False, "error": msg, "seconds": 0.0}, children, outcomes
             )
             return None
-        isolated = sp.workers > 0 or sp.gpus > 0
+        isolated = sp.workers > 0 or task_gpus > 0
         ref = (self._remote_isolated if isolated else self._remote).options(**options).remote(task)
         self.progress(name, "running", {"key": key})
         return ref, task
