@@ -115,8 +115,15 @@ class FakeKubelet:
     """Settles every new pod of ``namespace`` by ``decide(pod)`` (None: leave it Pending) until stopped."""
 
     def __init__(
-        self, api: client.ApiClient, namespace: str, decide: Callable[[Any], Outcome | None] | None = None
+        self,
+        api: client.ApiClient,
+        namespace: str,
+        decide: Callable[[Any], Outcome | None] | None = None,
+        ip: str | None = None,
     ) -> None:
+        """``ip``: the address every pod reports (default: a distinct fake one each); a real address of
+        this machine lets the API server's pod proxy reach a server the test runs there."""
+        self.ip = ip
         self.core = client.CoreV1Api(api)
         self.namespace = namespace
         self.decide = decide or (lambda pod: Outcome())
@@ -144,7 +151,7 @@ class FakeKubelet:
                     if outcome is None:
                         continue
                     self._ips += 1
-                    settle(self.core, pod, outcome, ip=f"10.244.0.{self._ips % 250 + 2}")
+                    settle(self.core, pod, outcome, ip=self.ip or f"10.244.0.{self._ips % 250 + 2}")
                     self.settled[pod.metadata.name] = outcome
             except client.ApiException as e:  # a pod deleted between list and patch: next round
                 if e.status != 404:

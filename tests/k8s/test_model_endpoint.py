@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 from kopf.testing import KopfRunner
-from kubelet import Outcome, settle
+from kubelet import FakeKubelet
 from kubernetes import client
 from prometheus_client import generate_latest
 
@@ -44,37 +44,6 @@ def _host_ip() -> str:
     if ip.startswith("127."):
         pytest.skip("this machine has no non-loopback IPv4 address for the pod proxy to reach")
     return ip
-
-
-class Kubelet:
-    """Settles each new pod of a namespace as Running + Ready at the host's address."""
-
-    def __init__(self, api: client.ApiClient, namespace: str, ip: str) -> None:
-        self.core, self.namespace, self.ip = client.CoreV1Api(api), namespace, ip
-        self.settled: set[str] = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def __enter__(self) -> Kubelet:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                pods: list[Any] = self.core.list_namespaced_pod(self.namespace).items
-                for pod in pods:
-                    if pod.metadata.name not in self.settled and not pod.metadata.deletion_timestamp:
-                        settle(self.core, pod, Outcome(), ip=self.ip)
-                        self.settled.add(pod.metadata.name)
-            except client.ApiException as e:
-                if e.status != 404:  # a pod deleted between list and patch: next round
-                    raise
-            self._stop.wait(0.2)
 
 
 class MetricsServer:
@@ -125,7 +94,7 @@ def cluster_env(k: Kube, namespace: str, monkeypatch: pytest.MonkeyPatch) -> Ite
 
     # The controller scrapes each canary pod's metrics port through the pod proxy: here, the test's server.
     monkeypatch.setattr(controller, "METRICS_PORT", metrics.port)
-    with Kubelet(k.api, namespace, ip):
+    with FakeKubelet(k.api, namespace, ip=ip):
         yield metrics
     metrics.server.shutdown()
 

@@ -222,6 +222,25 @@ def _point(
     return {**spec.model_dump(), "url": rec.url, "started": started}
 
 
+def _switch(
+    home: Path,
+    tracker: Tracker,
+    record: PromotionRecord,
+    spec: PromoteEndpointSpec,
+    version: RegisteredVersion,
+    threads: int,
+    t0: float,
+) -> None:
+    """Point the endpoint at ``version``; on failure record it (the alias stays) and raise."""
+    try:
+        record.endpoint = _point(home, spec, record.model, version, threads)
+    except (EndpointError, PromotionError) as e:
+        record.outcome = "failed"
+        record.message = f"{record.to_alias} stays at version {record.previous_version}: {e}"
+        _finish(tracker, record, t0, home)
+        raise PromotionError(record.message, record) from None
+
+
 def _finish(tracker: Tracker, record: PromotionRecord, started: float, home: Path) -> PromotionRecord:
     record.duration_s = round(time.monotonic() - started, 3)
     metrics: dict[str, float] = {"duration_s": record.duration_s}
@@ -350,13 +369,7 @@ def promote(
             _finish(tracker, record, t0, home)
             raise GateFailed(record.message, record)
         if spec is not None:
-            try:
-                record.endpoint = _point(home, spec, name, candidate, threads)
-            except (EndpointError, PromotionError) as e:
-                record.outcome = "failed"
-                record.message = f"{to_alias} stays at version {current}: {e}"
-                _finish(tracker, record, t0, home)
-                raise PromotionError(record.message, record) from None
+            _switch(home, tracker, record, spec, candidate, threads, t0)
             set_model_tag(tracker, name, _ENDPOINT_TAG + to_alias, spec.model_dump_json())
         if alias_version(tracker, name, to_alias) != current:
             record.outcome = "failed"
@@ -416,13 +429,7 @@ def rollback(
             started_at=started,
         )
         if spec is not None:
-            try:
-                record.endpoint = _point(home, spec, name, version, threads)
-            except (EndpointError, PromotionError) as e:
-                record.outcome = "failed"
-                record.message = f"{to_alias} stays at version {current}: {e}"
-                _finish(tracker, record, t0, home)
-                raise PromotionError(record.message, record) from None
+            _switch(home, tracker, record, spec, version, threads, t0)
         set_alias(tracker, name, to_alias, target)
         before = _version_before(tracker, name, target, to_alias)
         if before is not None and before != target:
