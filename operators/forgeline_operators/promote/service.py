@@ -354,10 +354,7 @@ def promote(
             tracker,
             name,
             candidate.version,
-            {
-                f"forgeline.gate.{r.name}": json.dumps({"passed": r.passed, "message": r.message})
-                for r in results
-            },
+            {f"forgeline.gate.{r.name}": json.dumps(r.to_json(), default=str)[:5000] for r in results},
         )
         failed = [r for r in results if not r.passed]
         if failed:
