@@ -222,6 +222,14 @@ def _point(
     return {**spec.model_dump(), "url": rec.url, "started": started}
 
 
+def _gate_tag(result: g.GateResult) -> str:
+    """A gate's result with its inputs, as a version tag (inputs dropped if too long for one)."""
+    text = json.dumps(result.to_json(), default=str)
+    if len(text) > 5000:
+        text = json.dumps({"passed": result.passed, "message": result.message[:4000]})
+    return text
+
+
 def _switch(
     home: Path,
     tracker: Tracker,
@@ -354,7 +362,7 @@ def promote(
             tracker,
             name,
             candidate.version,
-            {f"forgeline.gate.{r.name}": json.dumps(r.to_json(), default=str)[:5000] for r in results},
+            {f"forgeline.gate.{r.name}": _gate_tag(r) for r in results},
         )
         failed = [r for r in results if not r.passed]
         if failed:
