@@ -107,3 +107,36 @@ def _install_crds(cluster: Cluster) -> None:
 def crds(kube: Cluster) -> list[str]:
     """The forgeline.dev CRDs, installed at start-up before the controller manager (for the GC)."""
     return kube.crds
+
+
+@pytest.fixture
+def kuberay_crd(api_client: object) -> Iterator[None]:
+    """KubeRay's RayJob CRD (v1.7.0 schema) for one test; the KubeRay operator itself is not run."""
+    import crds as crd_files
+    from kubernetes import client
+
+    from forgeline_operators.kube.client import wait_for
+
+    ext = client.ApiextensionsV1Api(api_client)  # type: ignore[arg-type]
+
+    def gone() -> bool:
+        try:
+            ext.read_custom_resource_definition("rayjobs.ray.io")
+        except client.ApiException as e:
+            return e.status == 404
+        return False
+
+    ext.create_custom_resource_definition(crd_files.rayjob_crd())
+    objects = client.CustomObjectsApi(api_client)  # type: ignore[arg-type]
+
+    def served() -> bool:  # a real request, not (possibly cached) discovery
+        try:
+            objects.list_cluster_custom_object("ray.io", "v1", "rayjobs")
+        except client.ApiException:
+            return False
+        return True
+
+    wait_for(served, 30, "RayJob CRD served")
+    yield
+    ext.delete_custom_resource_definition("rayjobs.ray.io")
+    wait_for(gone, 60, "the RayJob CRD deleted (its objects go first)")

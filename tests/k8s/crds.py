@@ -5,12 +5,15 @@ the generator lands."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 from kubernetes import client
+
+from forgeline_operators.finetune.nemo.validate import RAYJOB_SCHEMA
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_DIR = ROOT / "k8s" / "crds"
@@ -121,3 +124,45 @@ def install(api: client.ApiClient, docs: list[dict[str, Any]], deadline_s: float
                 raise AssertionError(f"CRD {name} not Established after {deadline_s} s: {conds}")
             time.sleep(0.1)
     return names
+
+
+def _drop_empty_defaults(node: object) -> object:
+    """This 1.20 server reads ``default: ""`` in a CRD schema as null and rejects it (newer servers do
+    not; K1's generator leaves such defaults out for the same reason): drop them from KubeRay's schema,
+    and the map-list markers whose keys relied on them (server-side apply then merges those lists
+    atomically here)."""
+    if isinstance(node, dict):
+        out = {k: _drop_empty_defaults(v) for k, v in node.items() if not (k == "default" and v == "")}
+        if out.get("x-kubernetes-list-type") == "map":  # its keys need the defaults just dropped
+            out.pop("x-kubernetes-list-type")
+            out.pop("x-kubernetes-list-map-keys", None)
+        return out
+    if isinstance(node, list):
+        return [_drop_empty_defaults(v) for v in node]
+    return node
+
+
+def rayjob_crd() -> dict[str, object]:
+    schema: Any = _drop_empty_defaults(json.loads(RAYJOB_SCHEMA.read_text())["openAPIV3Schema"])
+    # The stored schema leaves KubeRay's status out (it does not affect validating what we write): keep
+    # whatever status the test writes in KubeRay's place (jobStatus, jobDeploymentStatus, message).
+    schema["properties"]["status"] = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": "rayjobs.ray.io"},
+        "spec": {
+            "group": "ray.io",
+            "scope": "Namespaced",
+            "names": {"plural": "rayjobs", "singular": "rayjob", "kind": "RayJob"},
+            "versions": [
+                {
+                    "name": "v1",
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "schema": {"openAPIV3Schema": schema},
+                }
+            ],
+        },
+    }

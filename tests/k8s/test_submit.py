@@ -6,69 +6,17 @@ Not run here: the KubeRay operator that turns the RayJob into pods."""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from kubernetes import client
 from typer.testing import CliRunner
 
 from forgeline.cli import app
-from forgeline_operators.finetune.nemo.validate import RAYJOB_SCHEMA, validate_rayjob
-from forgeline_operators.kube.client import Kube, wait_for
+from forgeline_operators.finetune.nemo.validate import validate_rayjob
+from forgeline_operators.kube.client import Kube
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "workflows" / "quickstart.yaml"
-
-
-def _drop_empty_defaults(node: object) -> object:
-    """This 1.20 server reads ``default: ""`` in a CRD schema as null and rejects it (newer servers do
-    not; K1's generator leaves such defaults out for the same reason): drop them from KubeRay's schema,
-    and the map-list markers whose keys relied on them (server-side apply then merges those lists
-    atomically here)."""
-    if isinstance(node, dict):
-        out = {k: _drop_empty_defaults(v) for k, v in node.items() if not (k == "default" and v == "")}
-        if out.get("x-kubernetes-list-type") == "map":  # its keys need the defaults just dropped
-            out.pop("x-kubernetes-list-type")
-            out.pop("x-kubernetes-list-map-keys", None)
-        return out
-    if isinstance(node, list):
-        return [_drop_empty_defaults(v) for v in node]
-    return node
-
-
-def _rayjob_crd() -> dict[str, object]:
-    schema = _drop_empty_defaults(json.loads(RAYJOB_SCHEMA.read_text())["openAPIV3Schema"])
-    return {
-        "apiVersion": "apiextensions.k8s.io/v1",
-        "kind": "CustomResourceDefinition",
-        "metadata": {"name": "rayjobs.ray.io"},
-        "spec": {
-            "group": "ray.io",
-            "scope": "Namespaced",
-            "names": {"plural": "rayjobs", "singular": "rayjob", "kind": "RayJob"},
-            "versions": [
-                {
-                    "name": "v1",
-                    "served": True,
-                    "storage": True,
-                    "subresources": {"status": {}},
-                    "schema": {"openAPIV3Schema": schema},
-                }
-            ],
-        },
-    }
-
-
-@pytest.fixture
-def kuberay_crd(api_client: client.ApiClient) -> Iterator[None]:
-    ext = client.ApiextensionsV1Api(api_client)
-    ext.create_custom_resource_definition(_rayjob_crd())
-    kube = Kube(api_client)
-    wait_for(lambda: kube.has_api("ray.io/v1", "RayJob"), 30, "RayJob CRD served")
-    yield
-    ext.delete_custom_resource_definition("rayjobs.ray.io")
 
 
 def _submit(namespace: str) -> object:

@@ -240,10 +240,14 @@ def test_stage_writes_the_job_and_stops_without_gpus(tmp_path: Path) -> None:
     assert ctx.sink.tags["forgeline.nemo.image"] == "nvcr.io/nvidia/nemo:26.06"  # type: ignore[attr-defined]
 
 
-def test_dpo_stage_on_kubernetes_target_says_to_apply_the_rayjob(tmp_path: Path) -> None:
+def test_dpo_stage_on_kubernetes_target_says_to_apply_the_rayjob(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-kubeconfig"))  # no cluster configured
     ctx = context(tmp_path, "dpo", "prefs.jsonl", "preference", nemo={"shared_dir": str(tmp_path / "shared")})
     ctx.workflow = ctx.workflow.model_copy(update={"target": "kubernetes"})
-    with pytest.raises(OperatorError, match=r"kubectl apply -f rayjob\.yaml"):
+    no_cluster = r"no Kubernetes cluster is configured.*kubectl apply -f rayjob\.yaml"
+    with pytest.raises(OperatorError, match=no_cluster):
         run(ctx)
     first = json.loads((tmp_path / "shared" / "data" / "train.jsonl").read_text().splitlines()[0])
     assert set(first) == {"prompt", "chosen", "rejected"}

@@ -61,6 +61,22 @@ def connect(kubeconfig: str | Path | None = None, context: str | None = None) ->
     )
 
 
+_DISCOVERY_DIR: list[str] = []
+
+
+def _discovery_file() -> str:
+    import atexit
+    import shutil
+    import tempfile
+    import uuid
+
+    if not _DISCOVERY_DIR:
+        folder = tempfile.mkdtemp(prefix="forgeline-kube-discovery-")
+        atexit.register(shutil.rmtree, folder, True)
+        _DISCOVERY_DIR.append(folder)
+    return os.path.join(_DISCOVERY_DIR[0], f"{uuid.uuid4().hex}.json")
+
+
 def owner_reference(parent: dict[str, Any], controller: bool = True) -> dict[str, Any]:
     """The ownerReference that makes an object a garbage-collected child of ``parent`` (as read back)."""
     meta = parent["metadata"]
@@ -111,7 +127,10 @@ class Kube:
         if self._dyn is None:
             from kubernetes import dynamic
 
-            self._dyn = dynamic.DynamicClient(self.api)
+            # The client's default discovery cache is one file per API host shared by every process
+            # (in $TMPDIR), so a CRD removed or added by someone else stays wrong there until it
+            # expires: each connection discovers afresh into a file of its own.
+            self._dyn = dynamic.DynamicClient(self.api, cache_file=_discovery_file())
         return self._dyn
 
     def resource(self, api_version: str, kind: str) -> Any:

@@ -7,10 +7,13 @@ its real schema, and copies the same files to the stage log and to ``spec/`` in 
 
 Then it launches where the workflow says: ``target: local`` submits a Ray job in the trainer image
 (needs GPUs in the Ray cluster and podman for Ray's ``image_uri``), polls it to the end, and publishes
-the HF result the job exported (``merged`` for sft/dpo, ``adapter`` for lora). Elsewhere -- no GPU or
-no container runtime, as on the CPU machine this is developed on, or ``target: kubernetes`` (apply the
-rendered manifests; a Kubernetes launcher is not wired into the stage yet) -- it stops with
-:data:`STOP` naming what is missing. The submit/poll path has never run here (no GPU).
+the HF result the job exported (``merged`` for sft/dpo, ``adapter`` for lora); ``target: kubernetes``
+applies the KubeRay ``RayJob`` (or Service + indexed Job, ``nemo.launcher``) to the configured cluster
+and waits on its status (:mod:`.kube_launch`), then reads the result from the shared directory. Where
+that cannot happen -- no GPU or no container runtime, as on the CPU machine this is developed on, no
+cluster configured, no KubeRay -- it stops with :data:`STOP` naming what is missing. The Ray-job path
+has never run here (no GPU); the Kubernetes path ran against a real API server with the test in
+KubeRay's and the trainer's place, never with the NeMo containers.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -152,10 +156,6 @@ def _launch_objects(stage: Any, r: Rendered, job: JobInputs) -> dict[str, Any]:
 
 def _missing(ctx: StageContext, r: Rendered, objects: dict[str, Any]) -> tuple[str | None, str]:
     """(what is missing, how to run it instead), or (None, "") when the Ray job can be submitted here."""
-    if ctx.workflow.target == "kubernetes":
-        launcher = ctx.stage.nemo.launcher if ctx.stage.nemo else "rayjob"
-        manifest = "rayjob.yaml" if launcher == "rayjob" else "job.yaml"
-        return ("the stage does not submit to Kubernetes yet", f"kubectl apply -f {manifest}")
     if "ray_job" not in objects:
         return ("a Ray job cannot run this layout", "use target: kubernetes with nemo.launcher: job")
     missing = []
@@ -205,9 +205,9 @@ def run(ctx: StageContext) -> StageResult:
             "forgeline.nemo.iterations": str(rendered.iterations),
         }
     )
-    missing, how = _missing(ctx, rendered, objects)
-    if missing is not None:
-        raise OperatorError(
+
+    def stop(missing: str, how: str) -> OperatorError:
+        return OperatorError(
             STOP.format(
                 trainer=rendered.trainer,
                 release=rendered.release,
@@ -218,7 +218,14 @@ def run(ctx: StageContext) -> StageResult:
                 how=how,
             )
         )
-    _submit_and_wait(objects["ray_job"], stage.timeout_minutes)
+
+    if ctx.workflow.target == "kubernetes":
+        _run_on_kubernetes(ctx, objects, stop)
+    else:
+        missing, how = _missing(ctx, rendered, objects)
+        if missing is not None:
+            raise stop(missing, how)
+        _submit_and_wait(objects["ray_job"], stage.timeout_minutes)
     outputs: dict[str, Path | str | int | float] = {}
     for name, path in rendered.outputs.items():
         src = Path(path)
@@ -227,6 +234,32 @@ def run(ctx: StageContext) -> StageResult:
         shutil.copytree(src, ctx.output_dir / name)
         outputs[name] = ctx.output_dir / name
     return StageResult(outputs=outputs, metrics={"iterations": float(rendered.iterations)})
+
+
+def _run_on_kubernetes(
+    ctx: StageContext, objects: dict[str, Any], stop: Callable[[str, str], OperatorError]
+) -> None:
+    """Apply the RayJob (or Service + indexed Job) to the configured cluster and wait for it."""
+    from forgeline_operators.finetune.nemo.kube_launch import LaunchFailed, run_on_cluster
+    from forgeline_operators.kube.client import NoCluster, connect
+
+    launcher = ctx.stage.nemo.launcher if ctx.stage.nemo else "rayjob"
+    key, manifest = ("rayjob", "rayjob.yaml") if launcher == "rayjob" else ("job", "job.yaml")
+    how = f"kubectl apply -f {manifest}"
+    if key not in objects:
+        raise stop(f"this layout cannot run as nemo.launcher: {launcher}", "pick the other launcher")
+    try:
+        kube = connect()
+    except NoCluster:
+        raise stop(
+            "no Kubernetes cluster is configured (KUBECONFIG, ~/.kube/config or in-cluster)", how
+        ) from None
+    to_apply = [objects["rayjob"]] if key == "rayjob" else list(objects["job"])
+    timeout_s = (ctx.stage.timeout_minutes or 7 * 24 * 60) * 60
+    try:
+        run_on_cluster(kube, to_apply, timeout_s=timeout_s, poll_s=POLL_S, log=ctx.logger.info)
+    except LaunchFailed as e:
+        raise stop(str(e), how) from None
 
 
 def _submit_and_wait(submission: dict[str, Any], timeout_minutes: float | None) -> None:
