@@ -40,7 +40,6 @@ from forgeline_operators.deploy.endpoint import (
     stop_endpoint,
 )
 from forgeline_operators.deploy.triton import TritonError, load_model
-from forgeline_operators.serve.export import openvino_engine
 from forgeline_operators.serve.repository import MANIFEST, OpenvinoModelSpec, build_openvino_repository
 
 __all__ = [
@@ -91,6 +90,9 @@ def _running(home: Path, name: str, repo: Path) -> EndpointRecord | None:
 
 def _engine_for(source: Path, cache: Path, threads: int) -> Path:
     """The OpenVINO IR of a version: the source itself, or its fp32 export (cached by version dir)."""
+    # Imported here: it pulls in the runtime, which `forgeline endpoints` (serving_state) never needs.
+    from forgeline_operators.serve.export import openvino_engine
+
     if cache.exists():
         return cache
     with tempfile.TemporaryDirectory(prefix="forgeline-export-") as work:
@@ -209,6 +211,8 @@ def temporary_endpoint(
     home: Path, name: str, source: Path, *, scheduler: SchedulerSpec | None = None, threads: int = 1
 ) -> Iterator[EndpointRecord]:
     """A throw-away endpoint serving ``source`` (the candidate of an SLO gate); stopped on exit."""
+    from forgeline_operators.serve.export import openvino_engine
+
     with tempfile.TemporaryDirectory(prefix="forgeline-candidate-") as work:
         engine, _ = openvino_engine(source, Path(work), threads=threads)
         repo = build_openvino_repository(
