@@ -5,17 +5,18 @@
 3. transformers static batched ``generate()`` (batches of 16, left padding);
 4. transformers continuous batching (``generate_batch``), when this transformers has it;
 5. transformers one-by-one ``generate()``.
-Every engine runs with 1 thread, greedy, fp32, output lengths forced (ignore EOS). Targets (issue 5):
+Every engine runs with 1 thread, greedy, fp32 (KV cache: ``--kv-cache-precision``, f32 by default),
+output lengths forced (ignore EOS). Targets (issue 5):
 endpoint ≥ 4x static batching; endpoint overhead vs in-process engine ≤ 1.15x.
 
 Wall-clock numbers on a shared 2-core machine are noisy, so the three systems the targets compare (1, 2,
 3) run ``--rounds`` times back to back, each round on fresh prompts, and the ratios are taken within a
 round (median and every round printed); 4 and 5 are slow and run once. The round-0 endpoint run also
-reports where the CPU went: CPU seconds of each process of the endpoint (python stub = engine + per-request Python,
-tritonserver, the OpenAI front) and of the load generator, against the in-process engine's CPU
-seconds for the same work. Everything runs on the same cores, so ``total CPU / cores`` bounds the
-endpoint's wall time from below whatever the scheduling: that line says how far the overhead target is
-from reach on this machine.
+reports where the CPU went: CPU seconds of each process of the endpoint (python stub = engine + per-
+request Python, tritonserver, the OpenAI front) and of the load generator, against the in-process
+engine's CPU seconds for the same work. Everything runs on the same cores, so ``total CPU / cores``
+bounds the endpoint's wall time from below whatever the scheduling: that line says how far the overhead
+target is from reach on this machine.
 
     python bench/serving.py [--requests 64] [--model tiny|small] [--rounds 3]
 
@@ -42,6 +43,7 @@ from typing import Any
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+from forgeline.spec._models import SchedulerSpec
 from forgeline_operators.deploy.endpoint import start_detached, stop_endpoint
 from forgeline_operators.deploy.loadgen import LoadReport, LoadSpec, percentile, run_load, workload
 from forgeline_operators.deploy.triton import group_members
@@ -85,14 +87,14 @@ def _measured_load(url: str, pgid: int, spec: LoadSpec) -> tuple[LoadReport, dic
     return report, cpu
 
 
-def ov_inprocess(ir: Path, jobs: list[tuple[str, int]]) -> tuple[float, float, int, float]:
+def ov_inprocess(ir: Path, jobs: list[tuple[str, int]], kv: str = "f32") -> tuple[float, float, int, float]:
     """(seconds, p99 TTFT, tokens, CPU seconds of this process) from the first add_request on."""
     import openvino_genai as ov_genai
 
     sched = ov_genai.SchedulerConfig()
     sched.max_num_seqs, sched.max_num_batched_tokens, sched.num_kv_blocks = 64, 1024, 512
     sched.enable_prefix_caching = True
-    props = {"INFERENCE_NUM_THREADS": 1, "INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"}
+    props = {"INFERENCE_NUM_THREADS": 1, "INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": kv}
     pipe = ov_genai.ContinuousBatchingPipeline(str(ir), sched, "CPU", props)
     tok = pipe.get_tokenizer()
     start, cpu0 = time.perf_counter(), time.process_time()
@@ -180,6 +182,12 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--model", choices=("tiny", "small"), default="tiny")
     ap.add_argument(
+        "--kv-cache-precision",
+        choices=("f32", "u8"),
+        default="f32",
+        help="KV cache of both OpenVINO runs (the endpoint's scheduler.kv_cache_precision and in-process)",
+    )
+    ap.add_argument(
         "--rounds",
         type=int,
         default=3,
@@ -200,7 +208,13 @@ def main() -> None:
         else:
             SOURCE.materialize(hf)
         ir = export_openvino(hf, Path(tmp) / "ir")
-        repo = build_openvino_repository(Path(tmp) / "repo", ir, OpenvinoModelSpec(name="llm"))
+        repo = build_openvino_repository(
+            Path(tmp) / "repo",
+            ir,
+            OpenvinoModelSpec(
+                name="llm", scheduler=SchedulerSpec(kv_cache_precision=args.kv_cache_precision)
+            ),
+        )
         home = Path(tmp) / "home"
         tok, model = _hf_model(hf)
         ov_inprocess(ir, workload(warm))  # warm-up, same as the endpoint's
@@ -218,7 +232,7 @@ def main() -> None:
                         report.output_tokens,
                     )
                 }
-                secs, ttft, tokens, round_engine_cpu = ov_inprocess(ir, jobs)
+                secs, ttft, tokens, round_engine_cpu = ov_inprocess(ir, jobs, args.kv_cache_precision)
                 row["OpenVINO GenAI CB in-process"] = (secs, ttft, tokens)
                 row["transformers static batch=16"] = hf_static(tok, model, jobs)
                 rounds.append(row)
@@ -244,7 +258,7 @@ def main() -> None:
     static = rows["transformers static batch=16"]
     print(
         f"\nmodel {args.model}: {len(jobs)} requests, {sum(n for _, n in jobs)} output tokens, "
-        f"1 thread per engine; round 0 (seed 0):"
+        f"1 thread per engine, {args.kv_cache_precision} KV cache; round 0 (seed 0):"
     )
     print(f"{'system':38} {'tok/s':>9} {'p99 TTFT ms':>12} {'vs static':>10}")
     table = {}
@@ -292,6 +306,7 @@ def main() -> None:
     if args.json:
         result = {
             "model": args.model,
+            "kv_cache_precision": args.kv_cache_precision,
             "one_token_requests_s": {"endpoint": one.duration_s, "inprocess": round(one_inprocess, 3)},
             "rows": table,
             "rounds": {

@@ -322,3 +322,12 @@ def test_repository_request_is_the_proto_wire_format() -> None:
 def test_load_model_without_server_raises_triton_error() -> None:
     with pytest.raises(TritonError, match="RepositoryModelLoad 'tiny' failed"):
         load_model(f"127.0.0.1:{free_port()}", "tiny", timeout_s=2)
+
+
+def test_kv_cache_precision_reaches_the_model_config(tmp_path: Path) -> None:
+    spec = OpenvinoModelSpec(name="m", scheduler=SchedulerSpec(kv_cache_precision="u8"))
+    config = openvino_config(spec)
+    assert 'key: "kv_cache_precision" value: { string_value: "u8" }' in config
+    assert 'key: "inference_precision" value: { string_value: "f32" }' in config
+    with pytest.raises(ValueError, match="kv_cache_precision"):
+        SchedulerSpec(kv_cache_precision="int4")  # type: ignore[arg-type]

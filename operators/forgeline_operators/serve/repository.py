@@ -113,7 +113,7 @@ class OpenvinoModelSpec:
     name: str
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
     threads: int = 1
-    precision: str = "f32"  # INFERENCE_PRECISION_HINT and KV_CACHE_PRECISION; f32 is bit-exact vs HF
+    precision: str = "f32"  # INFERENCE_PRECISION_HINT (KV cache: scheduler.kv_cache_precision); f32 is bit-exact vs HF
     num_kv_blocks: int = 512  # used when scheduler.kv_cache_gb is unset (block = 32 tokens)
     adapters: Mapping[str, AdapterRef] = field(default_factory=dict)
     speculative: SpeculativeRef | None = None
@@ -152,7 +152,9 @@ def openvino_config(spec: OpenvinoModelSpec) -> str:
         "num_kv_blocks": str(spec.num_kv_blocks),
         "num_threads": str(spec.threads),
         "inference_precision": spec.precision,
-        "kv_cache_precision": spec.precision,
+        # The scheduler's choice (f32 bit-exact vs transformers, or u8) at f32 inference; the CPU plugin
+        # refuses any cache but bf16 under bf16 inference (seen with OpenVINO 2026.4).
+        "kv_cache_precision": s.kv_cache_precision if spec.precision == "f32" else spec.precision,
         "max_stream_events_per_s": f"{spec.max_stream_events_per_s:g}",
         **(
             {"draft_model": "draft", "num_assistant_tokens": str(spec.speculative.num_assistant_tokens)}
