@@ -113,7 +113,8 @@ class OpenvinoModelSpec:
     name: str
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
     threads: int = 1
-    precision: str = "f32"  # INFERENCE_PRECISION_HINT (KV cache: scheduler.kv_cache_precision); f32 is bit-exact vs HF
+    # INFERENCE_PRECISION_HINT (the KV cache's is scheduler.kv_cache_precision); f32 is bit-exact vs HF
+    precision: str = "f32"
     num_kv_blocks: int = 512  # used when scheduler.kv_cache_gb is unset (block = 32 tokens)
     adapters: Mapping[str, AdapterRef] = field(default_factory=dict)
     speculative: SpeculativeRef | None = None

@@ -682,8 +682,9 @@ class SchedulerSpec(StrictModel):
     kv_cache_precision: Literal["f32", "u8"] = Field(
         default="f32",
         description=(
-            "KV cache element type (CPU runtime). `f32`: greedy output equals transformers' exactly; `u8`: "
-            "OpenVINO's quantized cache, ~4x the tokens per GiB and faster steps, outputs may differ slightly."
+            "KV cache element type (CPU runtime). `f32`: greedy output equals transformers' exactly; "
+            "`u8`: OpenVINO's quantized cache, ~4x the tokens per GiB and faster steps, outputs may "
+            "differ slightly."
         ),
     )
 
