@@ -167,7 +167,8 @@ def plan(
                     out.print(f"  warning: {w}", highlight=False)
                 if sp.memory and explain:
                     parts = ", ".join(f"{k} {human_bytes(v)}" for k, v in sp.memory.parts.items())
-                    out.print(f"  memory: {parts}", highlight=False)
+                    notes = f" ({'; '.join(sp.memory.notes)})" if sp.memory.notes else ""
+                    out.print(f"  memory per device: {parts}{notes}", highlight=False)
     if the_plan.problems():
         raise _fail(WorkflowError(the_plan.problems()), verbose)
 

@@ -9,15 +9,23 @@ Per GPU (or per CPU worker), for a model of N parameters:
   0.5 bits without) + adapters,
 * DPO: the above for the policy + a frozen reference (none extra when the reference is the base under
   the policy's LoRA adapters),
-* activations: s*b*h*(34 + 5*a*s/h) bytes per layer in 16-bit (Korthikanti et al., 2022), doubled in
-  fp32, 2*s*b*h per layer with activation checkpointing; preference data doubles the sequences.
+* activations: the tensors a Llama layer saves for backward, counted op by op on megatron-core's local
+  layer spec and checked against measured runs (tests/unit/test_memory_measured.py): per token,
+  ``6h`` elements that tensor parallelism does not split (both RMSNorms' inputs and normalised
+  outputs, the QKV and fc1 inputs) plus ``(4h + 5I + a*s)/tp`` that it does (q, k and v -- GQA's k/v
+  expanded to every head --, the attention probabilities, the projection input, the SwiGLU
+  tensors), times 2 bytes in 16-bit or 4 in fp32. Fused attention (flash / cuDNN, the 16-bit GPU
+  default) keeps no ``s x s`` probabilities, so the ``a*s`` term is dropped there; TE's fused norms
+  keep somewhat less than the local spec, so on GPUs this is an upper bound. With activation
+  checkpointing: each layer's input plus one layer's activations. Preference data doubles the
+  sequences. (Korthikanti et al., 2022 count ``s*b*h*(34 + 5*a*s/h)`` bytes for GPT's GELU MLP
+  with dropout; a SwiGLU layer without dropout saves a different set.)
 
 Tensor/pipeline layouts follow Megatron (Korthikanti et al., 2022; Narayanan et al., 2021): each
 pipeline stage holds ceil(L/pp) transformer layers, whose weight matrices are split tp ways (norms are
 replicated); the vocabulary-parallel embedding (vocab*h/tp) sits on the first stage and the output layer
 on the last (a tied embedding is kept on both when pp > 1). Gradients and Adam states follow their
-weights (the regular optimizer; a distributed optimizer would also divide them by dp). Activations per
-layer without sequence parallelism are s*b*h*(10 + 24/tp + 5*a*s/(h*tp)) bytes in 16-bit; under 1F1B
+weights (the regular optimizer; a distributed optimizer would also divide them by dp). Under 1F1B
 the first stage holds pp micro-batches of its L/pp layers in flight -- L layers' worth -- while the
 last holds one micro-batch plus the logits (vocab/tp per token, fp32, with their gradient). The
 estimate is the busier of the first and last stage; ``notes`` says which. Compute: 6*N FLOPs per token
@@ -160,8 +168,14 @@ def stage_params(shape: ModelShape, tp: int, pp: int) -> StageParams:
     return StageParams(per_stage * layer + emb, per_stage * layer + h + output, per_stage)
 
 
-def _activation_bytes_per_layer(s: int, seqs: int, h: int, heads: int, tp: int) -> float:
-    return s * seqs * h * (10 + 24 / tp + 5 * heads * s / (h * tp))
+def _activation_elements_per_layer(
+    s: int, seqs: int, shape: ModelShape, tp: int, fused_attention: bool
+) -> float:
+    """Elements one Llama layer saves for backward (see the module docstring), all tokens of a micro-batch."""
+    h = shape.hidden_or_guess()
+    inter = shape.intermediate or (8 * h) // 3  # SwiGLU's usual width when the config is unknown
+    scores = 0 if fused_attention else shape.heads_or_guess() * s
+    return s * seqs * (6 * h + (4 * h + 5 * inter + scores) / tp)
 
 
 def finetune_memory(
@@ -178,12 +192,14 @@ def finetune_memory(
     gradient_checkpointing: bool,
     tp: int,
     pp: int,
+    stage: str = "busiest",
 ) -> MemoryEstimate:
+    """Bytes per device; under pp > 1, of the busier of the first and last pipeline stage (or the one
+    ``stage`` names: ``first`` | ``last``)."""
     wbytes = 4 if precision == "fp32" else 2
     split = stage_params(shape, tp, pp)
     L = shape.layers_or_guess()
     h = shape.hidden_or_guess()
-    a_heads = shape.heads_or_guess()
     seqs = micro_batch * (2 if method == "dpo" else 1)
     s = seq_len
     adapter = method in ("lora", "qlora") or (method == "dpo" and lora_for_dpo)
@@ -206,12 +222,16 @@ def finetune_memory(
                 parts["reference model"] = n * wbytes
         return parts
 
-    def activations(layers: int) -> int:
-        full = _activation_bytes_per_layer(s, seqs, h, a_heads, tp)
-        # Full recompute keeps each layer's 16-bit input, plus one layer's activations while recomputing.
-        act = 2 * s * seqs * h * layers + full if gradient_checkpointing else full * layers
-        return int(act) * (2 if precision == "fp32" else 1)
+    # 16-bit training runs on GPUs, whose attention kernels are fused; fp32 is the CPU's unfused math.
+    fused_attention = precision != "fp32"
 
+    def activations(layers: int) -> int:
+        full = _activation_elements_per_layer(s, seqs, shape, tp, fused_attention) * wbytes
+        # Full recompute keeps each layer's input, plus one layer's activations while recomputing.
+        act = wbytes * s * seqs * h * layers + full if gradient_checkpointing else full * layers
+        return int(act)
+
+    # fp32 logits (the vocab-parallel softmax keeps them) plus their gradient during the backward.
     logits = {"logits": 2 * 4 * s * seqs * shape.vocab // tp} if shape.vocab else {}
     notes: list[str] = []
     if pp == 1:
@@ -220,9 +240,13 @@ def finetune_memory(
         # 1F1B: the first stage has pp micro-batches of its layers in flight, the last one plus logits.
         first = state(split.first) | {"activations": activations(split.layers * pp)}
         last = state(split.last) | {"activations": activations(split.layers)} | logits
-        busiest = max((first, "first"), (last, "last"), key=lambda p: sum(p[0].values()))
-        parts = busiest[0]
-        notes.append(f"busiest device: {busiest[1]} pipeline stage of {pp}")
+        if stage in ("first", "last"):
+            parts = first if stage == "first" else last
+            notes.append(f"{stage} pipeline stage of {pp}")
+        else:
+            busiest = max((first, "first"), (last, "last"), key=lambda p: sum(p[0].values()))
+            parts = busiest[0]
+            notes.append(f"busiest device: {busiest[1]} pipeline stage of {pp}")
     if shape.source in ("name", "declared", "unknown") and shape.hidden is None:
         notes.append("model dims guessed from the parameter count")
     return MemoryEstimate(sum(parts.values()), parts, notes)
