@@ -14,6 +14,7 @@ import datetime
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from kubernetes import client
@@ -157,3 +158,83 @@ class FakeKubelet:
                 if e.status != 404:
                     self.errors.append(f"{e.status} {e.reason}: {str(e.body)[:300]}")
             self._stop.wait(0.2)
+
+
+class KubeletLogs:
+    """The kubelet's container-log endpoint, for ``pods/log`` through the real API server.
+
+    The API server finds a pod's node, then asks ``https://<InternalIP>:<daemonEndpoints.kubeletEndpoint
+    .Port>/containerLogs/<ns>/<pod>/<container>`` (without ``--kubelet-certificate-authority`` it does
+    not verify the kubelet's certificate). This serves the lines a test adds, honouring ``timestamps``
+    and ``sinceSeconds`` as the kubelet does, and registers itself on the Node object the pods are bound
+    to (created if missing). Use as a context manager.
+    """
+
+    def __init__(self, core: client.CoreV1Api, cert: Path, key: Path, node: str = NODE) -> None:
+        import http.server
+        import ssl
+        import urllib.parse
+
+        self.core, self.node = core, node
+        self.lines: dict[tuple[str, str], list[tuple[datetime.datetime, str]]] = {}
+        self.requests: list[str] = []
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                url = urllib.parse.urlsplit(self.path)
+                owner.requests.append(self.path)
+                parts = url.path.strip("/").split("/")
+                if len(parts) != 4 or parts[0] != "containerLogs":
+                    self.send_error(404)
+                    return
+                query = urllib.parse.parse_qs(url.query)
+                since = query.get("sinceSeconds")
+                cutoff = (
+                    datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=int(since[0]))
+                    if since
+                    else None
+                )
+                stamps = query.get("timestamps", ["false"])[0] == "true"
+                body = "".join(
+                    (f"{t.strftime('%Y-%m-%dT%H:%M:%S.%f')}000Z {line}\n" if stamps else f"{line}\n")
+                    for t, line in list(owner.lines.get((parts[1], parts[2]), []))
+                    if cutoff is None or t >= cutoff
+                ).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls.load_cert_chain(str(cert), str(key))
+        self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        self._thread = threading.Thread(target=self.server.serve_forever, name="kubelet-logs", daemon=True)
+
+    def add(self, namespace: str, pod: str, lines: list[str]) -> None:
+        now = datetime.datetime.now(datetime.UTC)
+        self.lines.setdefault((namespace, pod), []).extend((now, line) for line in lines)
+
+    def __enter__(self) -> KubeletLogs:
+        self._thread.start()
+        try:
+            self.core.create_node({"apiVersion": "v1", "kind": "Node", "metadata": {"name": self.node}})
+        except client.ApiException as e:
+            if e.status != 409:
+                raise
+        status = {
+            "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": self.server.server_address[1]}},
+        }
+        self.core.patch_node_status(self.node, {"status": status})
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self._thread.join(timeout=10)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kubelet import FakeKubelet, KubeletLogs
 from kubernetes import client
 
 from forgeline.runtime.context import DatasetInput, MemorySink, OperatorError, StageContext
@@ -113,3 +114,64 @@ def test_failed_rayjob_fails_the_stage_with_kuberays_message(
     with pytest.raises(OperatorError, match="RayJob ended FAILED: OOMKilled on rank 3"):
         nemo_operator.run(ctx)
     actor.join(timeout=30)
+
+
+def test_trainer_metrics_are_tailed_from_the_submitter_pod_log(
+    kube: Any,
+    api_client: client.ApiClient,
+    namespace: str,
+    kuberay_crd: None,
+    fast_poll: None,
+    tmp_path: Path,
+) -> None:
+    """NeMo-RL's per-step output, read through the API server's ``pods/log`` (served by the test's
+    kubelet endpoint) while the stage waits, lands in the stage's run at the trainer's steps; lines
+    that arrive in two reads, one of them cutting a results block, are each logged once."""
+    k = Kube(api_client)
+    core = client.CoreV1Api(api_client)
+    ctx = _context(tmp_path, namespace)
+    lines = (ROOT / "tests" / "data" / "golden" / "nemo" / "nemo_rl_dpo_v0.7.0.log").read_text().splitlines()
+    cut = lines.index("  • accuracy: 0.6000")
+    pod = "wf-align-submitter"
+    with (
+        KubeletLogs(core, kube.pki / "apiserver.crt", kube.pki / "apiserver.key") as logs,
+        FakeKubelet(api_client, namespace),
+    ):
+
+        def act() -> None:
+            job = wait_for(lambda: k.get("ray.io/v1", "RayJob", "wf-align", namespace), 60, "the RayJob")
+            # KubeRay's submitter: a pod of the Job it names after the RayJob (label job-name).
+            core.create_namespaced_pod(
+                namespace,
+                {
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "metadata": {"name": pod, "labels": {"job-name": "wf-align"}},
+                    "spec": {"containers": [{"name": "ray-job-submitter", "image": "rayproject/ray:2.46.0"}]},
+                },
+            )
+            wait_for(
+                lambda: core.read_namespaced_pod(pod, namespace).status.phase == "Running" or None,
+                30,
+                "the submitter pod running",
+            )
+            logs.add(namespace, pod, lines[:cut])
+            wait_for(lambda: len(logs.requests) >= 2 or None, 30, "the stage reading the log")
+            logs.add(namespace, pod, lines[cut:])
+            shutil.copytree(TINY, tmp_path / "shared" / "out" / "merged")
+            k.patch_status(job, {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"})
+
+        actor = threading.Thread(target=act, daemon=True)
+        actor.start()
+        result = nemo_operator.run(ctx)
+        actor.join(timeout=30)
+    sink = ctx.sink
+    assert isinstance(sink, MemorySink)
+    losses = [(step, m["loss"]) for m, step in sink.metrics if "loss" in m]
+    assert [step for step, _ in losses] == [1, 2, 3, 4]
+    assert losses[0][1] == pytest.approx(0.65)
+    accuracies = [step for m, step in sink.metrics if "rewards/accuracies" in m]
+    assert accuracies == [1, 2, 3, 4]  # step 1's block was split across two reads: logged once, whole
+    assert [step for m, step in sink.metrics if "eval_loss" in m] == [3]
+    assert any(r.startswith(f"/containerLogs/{namespace}/{pod}/") for r in logs.requests)
+    assert result.metrics["trainer_metrics_logged"] == sum(len(m) for m, _ in sink.metrics)

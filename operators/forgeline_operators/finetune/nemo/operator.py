@@ -31,6 +31,7 @@ from forgeline.artifacts import UriError, parse_uri
 from forgeline.runtime.context import OperatorError, StageContext, StageResult
 from forgeline.spec import parse_ref
 from forgeline_operators.finetune.nemo import launch, validate
+from forgeline_operators.finetune.nemo.metrics import MetricTail
 from forgeline_operators.finetune.nemo.render import JobInputs, Rendered, RenderError, render
 
 __all__ = ["STOP", "model_location", "prepare", "run", "trainer_rows"]
@@ -219,13 +220,18 @@ def run(ctx: StageContext) -> StageResult:
             )
         )
 
-    if ctx.workflow.target == "kubernetes":
-        _run_on_kubernetes(ctx, objects, stop)
-    else:
-        missing, how = _missing(ctx, rendered, objects)
-        if missing is not None:
-            raise stop(missing, how)
-        _submit_and_wait(objects["ray_job"], stage.timeout_minutes)
+    # The trainer's own metrics, from its output, into this stage's run at the trainer's steps.
+    tail = MetricTail(rendered.trainer, lambda metrics, step: ctx.log_metrics(metrics, step=step))
+    try:
+        if ctx.workflow.target == "kubernetes":
+            _run_on_kubernetes(ctx, objects, stop, tail)
+        else:
+            missing, how = _missing(ctx, rendered, objects)
+            if missing is not None:
+                raise stop(missing, how)
+            _submit_and_wait(objects["ray_job"], stage.timeout_minutes, tail)
+    finally:
+        tail.flush(final=True)  # a failed job's metrics are the first thing to look at
     outputs: dict[str, Path | str | int | float] = {}
     for name, path in rendered.outputs.items():
         src = Path(path)
@@ -233,11 +239,14 @@ def run(ctx: StageContext) -> StageResult:
             raise OperatorError(f"the job finished but wrote no HF checkpoint at {src}")
         shutil.copytree(src, ctx.output_dir / name)
         outputs[name] = ctx.output_dir / name
-    return StageResult(outputs=outputs, metrics={"iterations": float(rendered.iterations)})
+    return StageResult(
+        outputs=outputs,
+        metrics={"iterations": float(rendered.iterations), "trainer_metrics_logged": float(tail.logged)},
+    )
 
 
 def _run_on_kubernetes(
-    ctx: StageContext, objects: dict[str, Any], stop: Callable[[str, str], OperatorError]
+    ctx: StageContext, objects: dict[str, Any], stop: Callable[[str, str], OperatorError], tail: MetricTail
 ) -> None:
     """Apply the RayJob (or Service + indexed Job) to the configured cluster and wait for it."""
     from forgeline_operators.finetune.nemo.kube_launch import LaunchFailed, run_on_cluster
@@ -257,21 +266,35 @@ def _run_on_kubernetes(
     to_apply = [objects["rayjob"]] if key == "rayjob" else list(objects["job"])
     timeout_s = (ctx.stage.timeout_minutes or 7 * 24 * 60) * 60
     try:
-        run_on_cluster(kube, to_apply, timeout_s=timeout_s, poll_s=POLL_S, log=ctx.logger.info)
+        run_on_cluster(
+            kube, to_apply, timeout_s=timeout_s, poll_s=POLL_S, log=ctx.logger.info, on_lines=tail.feed
+        )
     except LaunchFailed as e:
         raise stop(str(e), how) from None
 
 
-def _submit_and_wait(submission: dict[str, Any], timeout_minutes: float | None) -> None:
-    """Submit to the connected Ray cluster and poll to a terminal state (never run here: no GPU)."""
+def _submit_and_wait(submission: dict[str, Any], timeout_minutes: float | None, tail: MetricTail) -> None:
+    """Submit to the connected Ray cluster and poll to a terminal state, feeding the job's new output
+    lines to ``tail`` on every poll (never run here: no GPU)."""
     import ray
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(ray.get_runtime_context().gcs_address)
     job_id = client.submit_job(**submission)
     deadline = time.monotonic() + (timeout_minutes or 7 * 24 * 60) * 60
+    offset = 0
+
+    def new_lines() -> None:
+        nonlocal offset
+        text = client.get_job_logs(job_id)
+        end = text.rfind("\n", offset) + 1  # whole lines only; a partial one waits for the next poll
+        if end > offset:
+            tail.feed(text[offset:end].splitlines())
+            offset = end
+
     while time.monotonic() < deadline:
         status = client.get_job_status(job_id)
+        new_lines()
         if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
             break
         time.sleep(POLL_S)  # a remote job's state: nothing to wait on but the API
