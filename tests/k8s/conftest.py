@@ -115,7 +115,7 @@ def kuberay_crd(api_client: object) -> Iterator[None]:
     import crds as crd_files
     from kubernetes import client
 
-    from forgeline_operators.kube.client import wait_for
+    from forgeline_operators.kube.client import Kube, wait_for
 
     ext = client.ApiextensionsV1Api(api_client)  # type: ignore[arg-type]
 
@@ -129,12 +129,15 @@ def kuberay_crd(api_client: object) -> Iterator[None]:
     ext.create_custom_resource_definition(crd_files.rayjob_crd())
     objects = client.CustomObjectsApi(api_client)  # type: ignore[arg-type]
 
-    def served() -> bool:  # a real request, not (possibly cached) discovery
+    def served() -> bool:
+        # A real request (not possibly cached discovery), then discovery itself: right after a CRD is
+        # (re)created the server can answer /apis/ray.io/v1/rayjobs while /apis/ray.io/v1 still says
+        # 404 (seen in CI), and the dynamic client resolves kinds through the latter.
         try:
             objects.list_cluster_custom_object("ray.io", "v1", "rayjobs")
         except client.ApiException:
             return False
-        return True
+        return Kube(api_client).has_api("ray.io/v1", "RayJob")  # a fresh discovery each time
 
     wait_for(served, 30, "RayJob CRD served")
     yield

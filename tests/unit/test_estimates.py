@@ -68,11 +68,14 @@ def memory(s: ModelShape, method: str = "sft", **kw: Any) -> Any:
 
 
 def test_activations_split_by_tp_only_where_megatron_splits_them() -> None:
-    s, sq, h, a, L = shape(LLAMA3_70B), 4096, 8192, 64, 80
+    """Per token and layer: 6h elements tp leaves whole (norm inputs/outputs, QKV and fc1 inputs) and
+    4h + 5I (+ a*s without fused attention) it splits; 2 bytes in bf16, 4 in fp32."""
+    s, sq, h, inter, a, L = shape(LLAMA3_70B), 4096, 8192, 28672, 64, 80
     for tp in (1, 2, 8):
-        expected = int(sq * h * (10 + 24 / tp + 5 * a * sq / (h * tp))) * L
+        expected = 2 * sq * (6 * h + (4 * h + 5 * inter) / tp) * L  # bf16: fused attention, no a*s
         assert memory(s, tp=tp).parts["activations"] == pytest.approx(expected, rel=1e-9)
-    assert memory(s, tp=1).parts["activations"] == pytest.approx(sq * h * (34 + 5 * a * sq / h) * L, rel=1e-9)
+        fp32 = 4 * sq * (6 * h + (4 * h + 5 * inter + a * sq) / tp) * L
+        assert memory(s, tp=tp, precision="fp32").parts["activations"] == pytest.approx(fp32, rel=1e-9)
 
 
 def test_1f1b_first_stage_holds_pp_micro_batches_and_last_the_logits() -> None:
