@@ -84,6 +84,35 @@ def test_layout_matches_tp1(data: Any, reference: Any, tp: int, pp: int, dp: int
     _assert_same(_history(_run(data, tp, pp, dp), dp=dp), reference)
 
 
+def test_tp1_first_step_equals_hf_per_token_loss_and_grad_norm(data: Any, reference: Any) -> None:
+    """The absolute scale, which layout parity cannot see: step 1's loss and (pre-clip) grad norm
+    are HF ``LlamaForCausalLM``'s for the mean token loss over the same global batch."""
+    from transformers import LlamaForCausalLM
+
+    from forgeline_operators.finetune.megatron import _batches
+
+    feats, pad = data
+    s = _run(data, 1, 1, 1).settings
+    batches = _batches.micro_batches(
+        feats, 0, micro_batch_size=s.micro_batch_size, grad_accum=s.grad_accum, dp=1, dp_rank=0,
+        seed=s.seed, length=_batches.seq_len(feats), pad_id=pad, pad_to_longest=True,
+    )  # fmt: skip
+    model = LlamaForCausalLM.from_pretrained(
+        str(TINY), torch_dtype=torch.float32, attn_implementation="eager"
+    )
+    total, count = torch.zeros(()), 0.0
+    for b in batches:
+        logits = model(input_ids=b["tokens"], position_ids=b["position_ids"]).logits
+        ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), b["labels"].flatten(), reduction="none")
+        total = total + (ce * b["loss_mask"].flatten()).sum()
+        count += float(b["loss_mask"].sum())
+    loss = total / count
+    loss.backward()
+    norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters() if p.grad is not None))
+    assert reference[0][0] == pytest.approx(float(loss.detach()), rel=1e-5)
+    assert reference[0][1] == pytest.approx(float(norm), rel=1e-4)
+
+
 def test_lora_tp2_matches_tp1(data: Any) -> None:
     one = _history(_run(data, 1, 1, 1, lora=LORA))
     two = _history(_run(data, 2, 1, 1, lora=LORA))
@@ -97,6 +126,20 @@ def test_save_tp2pp2_resume_tp1_continues_exactly(data: Any, reference: Any, tmp
     assert (tmp_path / "checkpoint-2" / "forgeline-complete.json").is_file()
     resumed = _history(_run(data, 1, 1, 1, resume_from=tmp_path / "checkpoint-2"))
     _assert_same(resumed, reference[2:])
+
+
+def _megatron_zeroing() -> None:
+    from forgeline_operators.finetune.megatron import _cpu_compat
+
+    _cpu_compat.zero_grad_buffer = lambda ddp: ddp.zero_grad_buffer()
+
+
+@pytest.mark.parametrize("lora", [None, LORA], ids=["full", "lora"])
+def test_lazy_grad_buffer_zeroing_equals_megatron_zeroing(data: Any, reference: Any, lora: Any) -> None:
+    """The CPU layer's lazy zeroing (first wgrad of a step overwrites) gives megatron's own
+    whole-buffer zeroing, step after step (stale gradients would show from step 2)."""
+    lazy = reference if lora is None else _history(_run(data, 1, 1, 1, lora=lora))
+    _assert_same(_history(_run(data, 1, 1, 1, lora=lora), patch=_megatron_zeroing), lazy)
 
 
 def _drop_dp_grad_allreduce() -> None:

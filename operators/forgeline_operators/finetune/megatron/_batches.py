@@ -4,8 +4,10 @@ The features are the hf backend's (:func:`forgeline_operators.finetune.sft.featu
 and completion-only ``labels`` from :mod:`forgeline_operators.data`). Step ``s`` takes rows
 ``s*G .. s*G+G-1`` of an endless stream of seeded per-epoch permutations (``G`` = micro batch x
 grad accum x dp), so any layout with the same ``G`` sees the same global batch -- what makes TP/PP/DP
-runs comparable step for step. Every micro-batch is padded to one fixed length (pipeline stages
-exchange fixed-shape activations); labels are shifted here because megatron's loss is not.
+runs comparable step for step. The micro-batches of one step share one width (pipeline stages
+exchange fixed-shape activations): the run's fixed length, or with ``pad_to_longest`` the step's
+longest sequence, as the hf backend's collator pads; labels are shifted here because megatron's loss
+is not.
 """
 
 from __future__ import annotations
@@ -71,13 +73,25 @@ def micro_batches(
     length: int,
     pad_id: int,
     sequences: Callable[[list[Feature]], list[Feature]] = list,
+    pad_to_longest: bool = False,
 ) -> list[dict[str, torch.Tensor]]:
     """This data-parallel rank's ``grad_accum`` micro-batches of step ``step``; ``sequences`` turns a
-    micro-batch's rows into the sequences it trains on (DPO: each pair's chosen and rejected)."""
+    micro-batch's rows into the sequences it trains on (DPO: each pair's chosen and rejected).
+
+    Every micro-batch is ``length`` wide, or with ``pad_to_longest`` as wide as the longest sequence
+    of this rank's step (at most ``length``): the hf backend's collator likewise pads to the longest
+    row, and fixed-length padding computed ~20 % padding on the bench data. One width for the whole
+    step keeps what the pipeline needs (every micro-batch of a step has one activation shape, and every
+    stage of a replica builds the same rows, so they agree); padding only sits after each row's last
+    token, where causal attention and the loss mask keep it out of every counted position.
+    """
     per_rank = micro_batch_size * grad_accum
     rows = global_rows(len(features), step, per_rank * dp, seed)
     mine = rows[dp_rank * per_rank : (dp_rank + 1) * per_rank]
-    return [
-        batch_tensors(sequences([features[i] for i in mine[k : k + micro_batch_size]]), length, pad_id)
+    seqs = [
+        sequences([features[i] for i in mine[k : k + micro_batch_size]])
         for k in range(0, per_rank, micro_batch_size)
     ]
+    if pad_to_longest:
+        length = min(length, max(len(f["input_ids"]) for seq in seqs for f in seq))
+    return [batch_tensors(seq, length, pad_id) for seq in seqs]

@@ -7,7 +7,7 @@ minus its masked token cross-entropy summed. Per optimizer step the reference lo
 once (a forward-only pass of the same pipeline schedule on the reference: a frozen copy for full DPO,
 the policy with its adapters switched off for LoRA) and handed to the training pass's loss on the
 last stage. The loss is ``-logsigmoid(beta * ((pc - rc) - (pr - rr)))`` summed over pairs and divided
-by the global pair count (``calculate_per_token_loss`` with one "token" per pair).
+by the global pair count (:func:`.engine.loss_scale` with one "token" per pair).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 from forgeline_operators.data import IGNORE_INDEX
 from forgeline_operators.finetune._job import Feature
 from forgeline_operators.finetune.megatron import _batches, _cpu_compat
-from forgeline_operators.finetune.megatron.engine import Session, StepResult, global_sums
+from forgeline_operators.finetune.megatron.engine import Session, StepResult, global_sums, loss_scale
 
 __all__ = ["build_reference", "micro_batches", "seq_len", "train_step"]
 
@@ -81,7 +81,9 @@ def _ref_loss(loss_mask: torch.Tensor, output: torch.Tensor) -> tuple[Any, Any, 
     return logps.sum() * 0, torch.tensor(0, dtype=torch.int), {"ref_logps": logps}
 
 
-def _dpo_loss(beta: float, batch: dict[str, torch.Tensor], output: torch.Tensor) -> tuple[Any, Any, Any]:
+def _dpo_loss(
+    beta: float, scale: float, batch: dict[str, torch.Tensor], output: torch.Tensor
+) -> tuple[Any, Any]:
     logps = _logps(batch["loss_mask"], output)
     ref = batch["ref_logps"]
     m = logps.shape[0] // 2
@@ -90,8 +92,7 @@ def _dpo_loss(beta: float, batch: dict[str, torch.Tensor], output: torch.Tensor)
     total = losses.sum()
     correct = (margin.detach() > 0).float().sum()
     return (
-        total,
-        torch.tensor(m, dtype=torch.int),
+        total * scale,
         {"sum_count": torch.stack([total.detach(), torch.tensor(float(m))]), "correct": correct},
     )
 
@@ -132,11 +133,14 @@ def train_step(
     if parallel_state.is_pipeline_last_stage():
         for mb, out in zip(mbs, ref_out, strict=True):
             mb["ref_logps"] = out["ref_logps"]
+    # every sequence pair counts once: the global pair count is known without communication
+    pairs = session.settings.micro_batch_size * len(mbs) * parallel_state.get_data_parallel_world_size()
+    scale = loss_scale(float(pairs), len(mbs))
     with _cpu_compat.cpu_mode():
-        session.model.zero_grad_buffer()
+        _cpu_compat.zero_grad_buffer(session.model)
         session.optimizer.zero_grad()
         reduced = run(
-            forward_step_func=_step_fn(partial(_dpo_loss, beta), False),
+            forward_step_func=_step_fn(partial(_dpo_loss, beta, scale), False),
             data_iterator=iter(mbs),
             model=[session.model],
             forward_only=False,

@@ -92,6 +92,9 @@ def run(r: Run, sink: Callable[[dict[str, float], int], None] | None = None) -> 
     dp, dp_rank = _dp()
     history: list[dict[str, float]] = []
     while session.step < r.steps:
+        # tokens/s counts the step's wall time from its batches being built, as the hf backend's
+        # clock (log to log) includes its collator
+        start = time.perf_counter()
         batches = make_batches(
             r.train,
             session.step,
@@ -102,13 +105,14 @@ def run(r: Run, sink: Callable[[dict[str, float], int], None] | None = None) -> 
             seed=s.seed,
             length=length,
             pad_id=r.pad_id,
+            pad_to_longest=True,  # this step's longest sequence, as the hf backend's collator pads
         )
-        start = time.perf_counter()
+        width = int(batches[0]["tokens"].shape[1])
         lr = float(session.optimizer.param_groups[0]["lr"])
         if r.dpo_beta is not None:
-            result = dpo.train_step(session, reference, r.dpo_beta, batches, length)
+            result = dpo.train_step(session, reference, r.dpo_beta, batches, width)
         else:
-            result = engine.train_step(session, batches, length)
+            result = engine.train_step(session, batches, width)
         elapsed = time.perf_counter() - start
         tokens = int(sum(int((b["tokens"] != r.pad_id).sum()) for b in batches)) * dp
         row = {

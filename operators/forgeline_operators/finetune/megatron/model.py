@@ -4,8 +4,9 @@ RMSNorm, SwiGLU (gated fc1), RoPE (HF's non-interleaved halves), grouped-query a
 untied embeddings, no biases, no dropout -- the HF ``LlamaForCausalLM`` computation, so weights
 converted by :mod:`.convert` give the same logits. One model object per pipeline stage: the caller
 has already run ``parallel_state.initialize_model_parallel``; this module only reads the layout.
-Fusions that need CUDA kernels (gradient-accumulation fusion, RoPE fusion, masked-softmax fusion)
-and sequence parallelism stay off; they are performance features, not numerics.
+Fusions that need CUDA kernels (RoPE fusion, masked-softmax fusion) and sequence parallelism stay
+off; they are performance features, not numerics. Gradient-accumulation fusion is on where CUDA is
+absent (:mod:`._cpu_compat` supplies its kernel on CPU) and off on GPU (it needs APEX).
 """
 
 from __future__ import annotations
@@ -87,7 +88,10 @@ def check_layout(shape: LlamaShape, tp: int, pp: int) -> None:
 def transformer_config(shape: LlamaShape, tp: int, pp: int, dtype: torch.dtype = torch.float32) -> Any:
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    from forgeline_operators.finetune.megatron import _cpu_compat
+
     check_layout(shape, tp, pp)
+    _cpu_compat.apply()  # before the linears check that a gradient-accumulation kernel exists
     return TransformerConfig(
         num_layers=shape.num_layers,
         hidden_size=shape.hidden_size,
@@ -111,7 +115,8 @@ def transformer_config(shape: LlamaShape, tp: int, pp: int, dtype: torch.dtype =
         fp16=dtype == torch.float16,
         use_cpu_initialization=True,
         perform_initialization=False,  # weights always come from an HF checkpoint (convert.py)
-        gradient_accumulation_fusion=False,
+        # on CPU the compat layer's addmm_ kernel; on GPU it would need APEX (not installed): off
+        gradient_accumulation_fusion=_cpu_compat.needed(),
         apply_rope_fusion=False,
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
@@ -119,7 +124,8 @@ def transformer_config(shape: LlamaShape, tp: int, pp: int, dtype: torch.dtype =
         persist_layer_norm=False,
         sequence_parallel=False,
         attention_softmax_in_fp32=True,
-        calculate_per_token_loss=True,  # loss = sum over completion tokens / their global count
+        # the loss is scaled to a global per-token mean before backward (engine.loss_scale)
+        calculate_per_token_loss=False,
         deallocate_pipeline_outputs=False,
     )
 
