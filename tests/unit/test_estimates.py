@@ -163,3 +163,15 @@ def test_pipeline_split_matches_megatron_core_parameter_counts() -> None:
             assert counts[f"{tied}/{pp}/first"] == split.first, (tied, pp)
             last = counts[f"{tied}/{pp}/last" if pp > 1 else f"{tied}/{pp}/first"]
             assert last == split.last, (tied, pp)
+
+
+def test_megatron_mixed_precision_keeps_fp32_grads() -> None:
+    """megatron's bf16 keeps gradients in fp32 buffers (grad_reduce_in_fp32): 18 bytes per trained
+    parameter; in fp32 the weight is the main copy either way (16)."""
+    s = shape(SMALL)
+    n = stage_params(s, 1, 1).first
+    assert memory(s).parts["weights + grads + adam"] == 16 * n
+    assert memory(s, fp32_grads=True).parts["weights + grads + adam"] == 18 * n
+    assert memory(s, fp32_grads=True, precision="fp32").parts["weights + grads + adam"] == 16 * n
+    lora = memory(s, "lora", fp32_grads=True).parts
+    assert lora["adapters + grads + adam"] * 16 == memory(s, "lora").parts["adapters + grads + adam"] * 18

@@ -177,3 +177,53 @@ def test_dpo_tp2_pp2_matches_tp1_and_starts_at_log2(pairs: Any, lora: LoraSpec |
     assert one[0][0] == pytest.approx(math.log(2), rel=1e-6)
     assert one[-1][0] < one[0][0]
     _assert_same(both, one)
+
+
+def _bf16(r: loop.Run) -> loop.Run:
+    return replace(r, settings=replace(r.settings, precision="bf16"))
+
+
+def _dtypes_rank(r: loop.Run) -> Any:
+    def rank_fn(_rank: int) -> tuple[set[str], set[str], int]:
+        session = engine.setup(r.settings, r.hf_dir, r.shape)
+        main = session.main_params()
+        return (
+            {str(p.dtype) for p in session.module.parameters()},
+            {str(p.dtype) for p in main.values()},
+            len(main),
+        )
+
+    return rank_fn
+
+
+def test_bf16_trains_in_bf16_close_to_fp32_at_any_layout(data: Any, reference: Any, tmp_path: Path) -> None:
+    """megatron's mixed precision (Float16Module, fp32 main params and grad reduction): the model
+    runs in bf16, the optimizer steps fp32 copies; losses stay within bf16 rounding of fp32, TP2xPP2
+    agrees with TP1, a TP2xPP2 checkpoint resumes at TP1, and the export is the fp32 main weights."""
+    one = _bf16(_run(data, 1, 1, 1))
+    model_dtypes, main_dtypes, n_main = launch.run_world(1, 1, 1, _dtypes_rank(one), timeout_s=120)[0]
+    assert model_dtypes == {"torch.bfloat16"} and main_dtypes == {"torch.float32"} and n_main > 0
+    bf16 = _history(one)
+    for (loss, norm), (ref_loss, ref_norm) in zip(bf16, reference, strict=True):
+        assert loss == pytest.approx(ref_loss, rel=2e-3) and norm == pytest.approx(ref_norm, rel=2e-2)
+    assert bf16 != reference  # it is not the fp32 run
+    both = _history(_bf16(_run(data, 2, 2, 1, checkpoint_root=tmp_path, save_every=2)))
+    for (loss, norm), (ref_loss, ref_norm) in zip(both, bf16, strict=True):
+        assert loss == pytest.approx(ref_loss, rel=2e-3) and norm == pytest.approx(ref_norm, rel=2e-2)
+    resumed = _history(
+        _bf16(_run(data, 1, 1, 1, resume_from=tmp_path / "checkpoint-2", export_dir=tmp_path / "out"))
+    )
+    assert resumed[0][0] == pytest.approx(both[2][0], rel=2e-3)
+    from safetensors.torch import load_file
+
+    weights = load_file(str(tmp_path / "out" / "merged" / "model.safetensors"))
+    assert {str(v.dtype) for v in weights.values()} == {"torch.float32"}
+    # fp32 main weights, not bf16 values widened: some entries are not representable in bf16
+    assert any(not torch.equal(v, v.bfloat16().float()) for v in weights.values())
+
+
+def test_bf16_lora_dpo_tp2(pairs: Any) -> None:
+    run = _bf16(replace(_run(pairs, 2, 1, 1, lora=LORA), dpo_beta=0.1))
+    hist = _history(run)
+    assert hist[0][0] == pytest.approx(0.6931472, rel=1e-5)  # policy == reference in bf16 as well
+    assert hist[-1][0] < hist[0][0] and hist[0][1] > 0

@@ -193,10 +193,14 @@ def finetune_memory(
     tp: int,
     pp: int,
     stage: str = "busiest",
+    fp32_grads: bool = False,
 ) -> MemoryEstimate:
     """Bytes per device; under pp > 1, of the busier of the first and last pipeline stage (or the one
-    ``stage`` names: ``first`` | ``last``)."""
+    ``stage`` names: ``first`` | ``last``). ``fp32_grads``: 16-bit weights whose gradients are kept
+    and reduced in fp32 (megatron's ``grad_reduce_in_fp32`` buffers): 18 bytes per trained parameter
+    (2 weight + 4 grad + 4 main + 8 Adam) instead of 16."""
     wbytes = 4 if precision == "fp32" else 2
+    trained = 18 if fp32_grads and precision != "fp32" else 16
     split = stage_params(shape, tp, pp)
     L = shape.layers_or_guess()
     h = shape.hidden_or_guess()
@@ -215,9 +219,9 @@ def finetune_memory(
                 parts["quant constants"] = int(n * (0.127 if double_quant else 0.5) / 8)
             else:
                 parts["weights (frozen)"] = n * wbytes
-            parts["adapters + grads + adam"] = adapters * 16
+            parts["adapters + grads + adam"] = adapters * trained
         else:
-            parts["weights + grads + adam"] = n * 16
+            parts["weights + grads + adam"] = n * trained
             if method == "dpo":
                 parts["reference model"] = n * wbytes
         return parts

@@ -402,6 +402,7 @@ class Planner:
                 gradient_checkpointing=t.gradient_checkpointing,
                 tp=par.tp,
                 pp=par.pp,
+                fp32_grads=stage.backend == "megatron",
             )
             rows, nbytes = _dataset_size(self.loaded.dataset_path(stage.dataset))
             per_row = min(t.max_seq_len, max(1, nbytes // max(rows, 1) // 4))  # ~4 bytes per token

@@ -120,18 +120,15 @@ class _CpuWgradAccum:
     def wgrad_gemm_accum_fp32(
         inputs: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor
     ) -> None:
+        # bf16 training hands bf16 activations with an fp32 buffer: APEX accumulates those in fp32
+        if inputs.dtype != main_grad.dtype:
+            inputs, grad_output = inputs.to(main_grad.dtype), grad_output.to(main_grad.dtype)
         if _unwritten.pop(main_grad.data_ptr(), None) is not None:
             torch.mm(grad_output.t(), inputs, out=main_grad)
         else:
             main_grad.addmm_(grad_output.t(), inputs)
 
-    @staticmethod
-    def wgrad_gemm_accum_fp16(
-        inputs: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor
-    ) -> None:
-        _CpuWgradAccum.wgrad_gemm_accum_fp32(
-            inputs.to(main_grad.dtype), grad_output.to(main_grad.dtype), main_grad
-        )
+    wgrad_gemm_accum_fp16 = wgrad_gemm_accum_fp32
 
 
 def _fused_wgrad_weights(module: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -57,8 +57,9 @@ def build_reference(session: Session, base_dir: Path, reference_dir: Path | None
     from forgeline_operators.finetune.megatron.model import build_model, transformer_config
 
     s = session.settings
+    config = transformer_config(session.shape, s.tp, s.pp, s.dtype)
     with _cpu_compat.cpu_mode():
-        ref = build_model(session.shape, transformer_config(session.shape, s.tp, s.pp))
+        ref = build_model(session.shape, config)
     weights = convert.hf_to_local(
         convert.load_hf_state(reference_dir or base_dir),
         session.shape,
@@ -69,6 +70,10 @@ def build_reference(session: Session, base_dir: Path, reference_dir: Path | None
     )
     ref.load_state_dict(weights, strict=False)
     ref.requires_grad_(False)
+    if s.precision == "bf16":
+        from megatron.core.transformer.module import Float16Module
+
+        ref = Float16Module(config, ref)  # the policy's input/output conversion, in bf16 like it
     return ref.eval()
 
 

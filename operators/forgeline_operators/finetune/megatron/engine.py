@@ -46,6 +46,11 @@ class Settings:
     weight_decay: float = 0.0
     clip_grad: float = 1.0
     lora: LoraSpec | None = None
+    precision: str = "fp32"  # fp32 | bf16 (bf16 weights and activations, fp32 main params and grads)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.precision == "bf16" else torch.float32
 
 
 @dataclass
@@ -61,7 +66,28 @@ class Session:
 
     @property
     def module(self) -> Any:
-        return self.model.module
+        """This rank's ``GPTModel`` stage (inside megatron's ``Float16Module`` under bf16)."""
+        inner = self.model.module
+        return inner.module if _is_float16_module(inner) else inner
+
+    def main_params(self) -> dict[int, torch.Tensor]:
+        """fp32 main copy by ``id`` of each bf16 model parameter the optimizer trains (empty in fp32)."""
+        out: dict[int, torch.Tensor] = {}
+        for chained in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            for model_group, main_group in zip(
+                getattr(chained, "float16_groups", []),
+                getattr(chained, "fp32_from_float16_groups", []),
+                strict=True,
+            ):
+                for model_param, main_param in zip(model_group, main_group, strict=True):
+                    out[id(model_param)] = main_param
+        return out
+
+
+def _is_float16_module(module: Any) -> bool:
+    from megatron.core.transformer.module import Float16Module
+
+    return isinstance(module, Float16Module)
 
 
 @dataclass(frozen=True)
@@ -101,7 +127,9 @@ def setup(settings: Settings, hf_dir: Path, shape: LlamaShape) -> Session:
     from forgeline_operators.finetune.megatron import convert, lora
     from forgeline_operators.finetune.megatron.model import build_model, transformer_config
 
-    config = transformer_config(shape, settings.tp, settings.pp)
+    if settings.precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision {settings.precision!r}: the megatron backend trains fp32 or bf16")
+    config = transformer_config(shape, settings.tp, settings.pp, settings.dtype)
     with _cpu_compat.cpu_mode():
         module = build_model(shape, config)
     hf = convert.load_hf_state(hf_dir)
@@ -122,6 +150,13 @@ def setup(settings: Settings, hf_dir: Path, shape: LlamaShape) -> Session:
         adapters = lora.attach(module, settings.lora, shape, settings.seed, layer_offset(shape, settings.pp))
     config.finalize_model_grads_func = _finalize_grads(finalize_model_grads)
     with _cpu_compat.cpu_mode():
+        if settings.precision == "bf16":
+            from megatron.core.transformer.module import Float16Module
+
+            # megatron's mixed precision: every parameter (adapters too) in bf16, the first stage's
+            # input and the last stage's output converted by the wrapper; the optimizer keeps fp32
+            # main params and the DDP buffers reduce gradients in fp32
+            module = Float16Module(config, module)
         ddp = DistributedDataParallel(
             config,
             DistributedDataParallelConfig(
@@ -136,7 +171,8 @@ def setup(settings: Settings, hf_dir: Path, shape: LlamaShape) -> Session:
                 min_lr=settings.min_lr,
                 weight_decay=settings.weight_decay,
                 clip_grad=settings.clip_grad,
-                params_dtype=torch.float32,
+                params_dtype=settings.dtype,
+                bf16=settings.precision == "bf16",
                 use_distributed_optimizer=False,
             ),
             [ddp],

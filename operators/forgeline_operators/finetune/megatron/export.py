@@ -31,6 +31,11 @@ def adapter_pieces(session: Session, tp_rank: int, offset: int) -> list[convert.
     chosen = lora.targets(spec)
     qpg, d = s.num_heads // s.num_kv_heads, s.head_dim
     pieces: list[convert.Piece] = []
+    main = session.main_params()  # bf16: the optimizer's fp32 main copies
+
+    def w(p: torch.Tensor) -> torch.Tensor:
+        return main.get(id(p), p).detach().float()
+
     for path, lin in session.adapters.items():
         _, _, local, parent, linear = path.split(".", 4)
         names = chosen[f"{parent}.{linear}"]
@@ -38,9 +43,9 @@ def adapter_pieces(session: Session, tp_rank: int, offset: int) -> list[convert.
         def key(proj: str, ab: str, layer: int = int(local) + offset, parent: str = parent) -> str:
             return f"base_model.model.model.layers.{layer}.{_HF_PARENT[parent]}.{proj}.{ab}.weight"
 
-        a = lin.lora_A.detach().float()
+        a = w(lin.lora_A)
         if linear == "linear_qkv":
-            g = lin.lora_B.detach().float().reshape(-1, (qpg + 2) * d, spec.r)
+            g = w(lin.lora_B).reshape(-1, (qpg + 2) * d, spec.r)
             parts = dict(zip(("q_proj", "k_proj", "v_proj"), g.split([qpg * d, d, d], dim=1), strict=True))
             for proj in names:
                 pieces.append((key(proj, "lora_A"), a, None, tp_rank))
@@ -49,13 +54,11 @@ def adapter_pieces(session: Session, tp_rank: int, offset: int) -> list[convert.
             for proj, half in (("gate_proj", "gate"), ("up_proj", "up")):
                 if proj in names:
                     pieces.append((key(proj, "lora_A"), a, None, tp_rank))
-                    pieces.append(
-                        (key(proj, "lora_B"), getattr(lin, f"lora_B_{half}").detach().float(), 0, tp_rank)
-                    )
+                    pieces.append((key(proj, "lora_B"), w(getattr(lin, f"lora_B_{half}")), 0, tp_rank))
         else:
             proj = names[0]
             pieces.append((key(proj, "lora_A"), a, 1, tp_rank))
-            pieces.append((key(proj, "lora_B"), lin.lora_B.detach().float(), None, tp_rank))
+            pieces.append((key(proj, "lora_B"), w(lin.lora_B), None, tp_rank))
     return pieces
 
 
@@ -81,7 +84,12 @@ def export(session: Session, base_dir: Path, dest: Path) -> list[str]:
     if session.settings.lora is not None:
         pieces = _gather(adapter_pieces(session, tp_rank, offset))
     else:
-        state = {k: v for k, v in session.module.state_dict().items() if not k.endswith("_extra_state")}
+        main = session.main_params()  # bf16: export the optimizer's fp32 main weights
+        state = {
+            k: main.get(id(v), v).detach()
+            for k, v in session.module.state_dict(keep_vars=True).items()
+            if not k.endswith("_extra_state")
+        }
         first = parallel_state.is_pipeline_first_stage()
         pieces = _gather(
             convert.local_to_pieces(state, session.shape, tp_rank, session.settings.tp, offset, first)

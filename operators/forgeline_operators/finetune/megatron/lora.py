@@ -109,7 +109,7 @@ def _hook(linear: str, scale: float, dropout: float, mask: torch.Tensor | None) 
             else:
                 delta = la @ module.lora_B.t()
             if mask is not None:
-                delta = delta * mask
+                delta = delta * mask.to(delta.dtype)
         else:
             delta = reduce_from_tensor_model_parallel_region(x @ module.lora_A.t()) @ module.lora_B.t()
         out, bias = output

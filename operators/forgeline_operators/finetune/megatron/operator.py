@@ -7,8 +7,11 @@ Train's process group), or in its own process for a world of one. Resumable ``di
 checkpoints live in the stage's durable checkpoint directory (a rerun after a crash resumes from the
 newest complete one, at any layout); the published outputs are HF only: ``merged`` (+ ``adapter`` in
 PEFT layout for LoRA). Methods: ``sft``, ``lora``, ``dpo`` (sigmoid; full or LoRA); ``qlora`` is refused
-with the fix (bitsandbytes 4-bit is the hf backend's). Training is fp32 on every device for now
-(``training.precision`` is not applied). Untested here (no GPU): the NCCL/CUDA path of
+with the fix (bitsandbytes 4-bit is the hf backend's). ``training.precision: bf16`` on a GPU is
+megatron's mixed precision (``Float16Module``: bf16 weights and activations, fp32 main params, Adam
+state and gradient reduction; the export is the fp32 main weights); on CPU the stage trains fp32, as
+the hf backend does (the bf16 path itself is tested on CPU by the unit tests). fp16 is refused (it
+needs loss scaling, not wired): bf16 is the fix. Untested here (no GPU): the NCCL/CUDA path of
 ``resources.device: gpu`` -- the same code with the CPU compatibility layer inactive.
 """
 
@@ -62,12 +65,10 @@ def _check(ctx: StageContext, stage: FinetuneStage) -> None:
 
         if not torch.cuda.is_available():
             raise OperatorError("resources.device is gpu but CUDA is not available to this stage")
-        if stage.training.precision != "fp32":
-            # Silently training in fp32 on a GPU would cost 2x memory and the plan's estimate.
+        if stage.training.precision == "fp16":
             raise OperatorError(
-                f"training.precision {stage.training.precision}: backend megatron trains in fp32 only so "
-                "far (mixed precision through megatron's Float16Module is not wired); set precision: fp32, "
-                "or use backend nemo (Megatron-Bridge, bf16) or hf"
+                "training.precision fp16: backend megatron trains fp32 or bf16 (fp16 needs loss "
+                "scaling, not wired); set precision: bf16"
             )
     elif stage.training.precision != "fp32":
         ctx.logger.warning("precision %s is for GPUs; training in fp32 on CPU", stage.training.precision)
@@ -92,6 +93,7 @@ def _job(ctx: StageContext, stage: FinetuneStage) -> MegatronJob:
     feats = _features(ctx, stage, tokenizer)
     t = stage.training
     sched = schedule(stage, len(feats.train))
+    gpu = str(ctx.workflow.resources.device) == "gpu"
     settings = engine.Settings(
         tp=par.tp,
         pp=par.pp,
@@ -104,6 +106,7 @@ def _job(ctx: StageContext, stage: FinetuneStage) -> MegatronJob:
         lr_scheduler=t.lr_scheduler,
         weight_decay=t.weight_decay,
         lora=(stage.lora or _default_lora()) if stage.uses_adapter else None,
+        precision="bf16" if gpu and t.precision == "bf16" else "fp32",
     )
     datasets = {n: ctx.dataset(n).sha256 for n in filter(None, (stage.dataset, stage.eval_dataset))}
     identity = {"stage": stage.model_dump(mode="json"), "base": str(base_dir), **datasets}
