@@ -128,6 +128,15 @@ def test_save_tp2pp2_resume_tp1_continues_exactly(data: Any, reference: Any, tmp
     _assert_same(resumed, reference[2:])
 
 
+def test_lora_save_tp2pp2_resume_tp1_continues_exactly(data: Any, tmp_path: Path) -> None:
+    """The adapters' own sharded state (A/B split per linear kind) reshards like the weights."""
+    one = _history(_run(data, 1, 1, 1, lora=LORA))
+    first = _history(replace(_run(data, 2, 2, 1, lora=LORA, checkpoint_root=tmp_path, save_every=2), steps=2))
+    _assert_same(first, one[:2])
+    resumed = _history(_run(data, 1, 1, 1, lora=LORA, resume_from=tmp_path / "checkpoint-2"))
+    _assert_same(resumed, one[2:])
+
+
 def _megatron_zeroing() -> None:
     from forgeline_operators.finetune.megatron import _cpu_compat
 
