@@ -137,6 +137,42 @@ def test_lora_save_tp2pp2_resume_tp1_continues_exactly(data: Any, tmp_path: Path
     _assert_same(resumed, one[2:])
 
 
+@pytest.fixture(scope="module")
+def tied_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with tied input/output embeddings (its untied head dropped)."""
+    import shutil
+
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(str(TINY), torch_dtype=torch.float32)
+    model.config.tie_word_embeddings = True
+    tied = LlamaForCausalLM(model.config)
+    tied.load_state_dict(model.state_dict(), strict=False)
+    tied.tie_weights()
+    dest = tmp_path_factory.mktemp("tied")
+    tied.save_pretrained(str(dest))
+    for f in TINY.iterdir():
+        if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
+            shutil.copy(f, dest / f.name)
+    return dest
+
+
+def test_tied_embeddings_pp2_and_tp2pp2_match_tp1(data: Any, tied_dir: Path) -> None:
+    """Tied embeddings: at PP2 the last stage keeps its own copy of the embedding, kept equal by
+    megatron's embedding-gradient all-reduce between the first and last stage."""
+
+    def tied(tp: int, pp: int) -> loop.Run:
+        run = _run(data, tp, pp, 1)
+        shape = shape_from_hf(json.loads((tied_dir / "config.json").read_text()))
+        assert shape.tied
+        return replace(run, hf_dir=tied_dir, shape=shape)
+
+    one = _history(tied(1, 1))
+    assert one[-1][0] < one[0][0]
+    _assert_same(_history(tied(1, 2)), one)
+    _assert_same(_history(tied(2, 2)), one)
+
+
 def _megatron_zeroing() -> None:
     from forgeline_operators.finetune.megatron import _cpu_compat
 
