@@ -173,6 +173,19 @@ def test_tied_embeddings_pp2_and_tp2pp2_match_tp1(data: Any, tied_dir: Path) -> 
     _assert_same(_history(tied(2, 2)), one)
 
 
+def _recompute(r: loop.Run) -> loop.Run:
+    return replace(r, settings=replace(r.settings, recompute=True))
+
+
+@pytest.mark.parametrize("lora", [None, LORA], ids=["full", "lora"])
+def test_activation_recompute_gives_the_same_steps(data: Any, reference: Any, lora: Any) -> None:
+    """Full recompute (training.gradient_checkpointing) changes memory, not numbers; under LoRA the
+    frozen embedding's output is made to require grad, or no adapter would get a gradient."""
+    plain = reference if lora is None else _history(_run(data, 1, 1, 1, lora=lora))
+    _assert_same(_history(_recompute(_run(data, 1, 1, 1, lora=lora))), plain)
+    _assert_same(_history(_recompute(_run(data, 2, 2, 1, lora=lora))), plain)
+
+
 def _megatron_zeroing() -> None:
     from forgeline_operators.finetune.megatron import _cpu_compat
 

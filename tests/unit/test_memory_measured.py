@@ -96,13 +96,22 @@ class _Box:
             del self.saved.live[self.ptr]
 
 
-def _measure(data: tuple[Any, int], tp: int, pp: int, lora: LoraSpec | None) -> list[dict[str, int]]:
+def _measure(
+    data: tuple[Any, int], tp: int, pp: int, lora: LoraSpec | None, recompute: bool = False
+) -> list[dict[str, int]]:
     feats, pad = data
     shape = shape_from_hf(json.loads((TINY / "config.json").read_text()))
 
     def rank_fn(rank: int) -> dict[str, int]:
         settings = engine.Settings(
-            tp=tp, pp=pp, lr=1e-3, total_steps=4, micro_batch_size=MBS, grad_accum=GA, lora=lora
+            tp=tp,
+            pp=pp,
+            lr=1e-3,
+            total_steps=4,
+            micro_batch_size=MBS,
+            grad_accum=GA,
+            lora=lora,
+            recompute=recompute,
         )
         session = engine.setup(settings, TINY, shape)
 
@@ -141,7 +150,7 @@ def _measure(data: tuple[Any, int], tp: int, pp: int, lora: LoraSpec | None) -> 
     return launch.run_world(tp * pp, tp, pp, rank_fn, timeout_s=240)
 
 
-def _estimate(tp: int, pp: int, lora: LoraSpec | None, stage: str) -> dict[str, int]:
+def _estimate(tp: int, pp: int, lora: LoraSpec | None, stage: str, recompute: bool = False) -> dict[str, int]:
     """The planner's parts for one pipeline stage (first or last) of this layout."""
     shape = shape_from_dir(TINY)
     assert shape is not None
@@ -153,7 +162,7 @@ def _estimate(tp: int, pp: int, lora: LoraSpec | None, stage: str) -> dict[str, 
         double_quant=False,
         seq_len=SEQ,
         micro_batch=MBS,
-        gradient_checkpointing=False,
+        gradient_checkpointing=recompute,
     )
     method = "lora" if lora else "sft"
     return finetune_memory(shape, method, tp=tp, pp=pp, stage=stage, **kw).parts
@@ -184,3 +193,31 @@ def test_estimate_matches_measured_rank_memory(data: Any, tp: int, pp: int, lora
             f"activations measured {got['activations']} estimate {predicted} ratio {ratio:.3f}"
         )
         assert 0.9 <= ratio <= 1.15, f"rank {rank} ({stage}): measured {got['activations']} vs {predicted}"
+
+
+@pytest.mark.parametrize(("tp", "pp"), [(1, 1), (2, 2)], ids=["tp1", "tp2pp2"])
+def test_recompute_estimate_matches_measured(data: Any, tp: int, pp: int) -> None:
+    """Full recompute keeps each layer's input, plus one layer's activations while that layer is
+    recomputed in backward. The saved logits are freed before any layer is recomputed, so the
+    measured peak is inputs + max(one layer, logits), which the planner's sum (inputs + one layer +
+    logits) bounds from above; without logits (a first pipeline stage) the two agree."""
+    plain = _measure(data, tp, pp, None)
+    ranks = _measure(data, tp, pp, None, recompute=True)
+    h = shape_from_dir(TINY).hidden  # type: ignore[union-attr]
+    for rank, got in enumerate(ranks):
+        stage = "first" if rank // tp == 0 else "last"
+        want = _estimate(tp, pp, None, stage, recompute=True)
+        layers = 2 // pp
+        inputs = 4 * SEQ * MBS * h * layers * (pp if stage == "first" and pp > 1 else 1)
+        one_layer = want["activations"] - inputs
+        logits = want.get("logits", 0) // 2
+        structure = inputs + max(one_layer, logits)
+        ratio = got["activations"] / structure
+        print(
+            f"recompute tp{tp} pp{pp} rank {rank} ({stage}): measured {got['activations']}, inputs + "
+            f"max(layer, logits) {structure} ({ratio:.3f}), planner {want['activations'] + logits}"
+        )
+        assert got["left"] == 0
+        assert 0.9 <= ratio <= 1.15, f"rank {rank} ({stage}): measured {got['activations']} vs {structure}"
+        assert got["activations"] <= 1.15 * (want["activations"] + logits)  # the planner: upper bound
+        assert got["activations"] < 0.8 * plain[rank]["activations"]

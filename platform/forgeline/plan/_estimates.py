@@ -17,7 +17,10 @@ Per GPU (or per CPU worker), for a model of N parameters:
   tensors), times 2 bytes in 16-bit or 4 in fp32. Fused attention (flash / cuDNN, the 16-bit GPU
   default) keeps no ``s x s`` probabilities, so the ``a*s`` term is dropped there; TE's fused norms
   keep somewhat less than the local spec, so on GPUs this is an upper bound. With activation
-  checkpointing: each layer's input plus one layer's activations. Preference data doubles the
+  checkpointing: each layer's input plus one layer's activations (recomputed in backward), plus the
+  logits part as without it; the logits are freed before any layer is recomputed, so on a stage with
+  the output layer this sum is an upper bound (measured peak: inputs + max(one layer, logits), 0.56x
+  the sum on the tiny model, whose logits dominate; exact without logits). Preference data doubles the
   sequences. (Korthikanti et al., 2022 count ``s*b*h*(34 + 5*a*s/h)`` bytes for GPT's GELU MLP
   with dropout; a SwiGLU layer without dropout saves a different set.)
 

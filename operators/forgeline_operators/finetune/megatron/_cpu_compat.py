@@ -30,6 +30,11 @@ Patched call sites, and why (measured in ``/work/shared/FACTS.md``):
   which gradient clipping calls with ``src is dst``; :func:`_cpu_multi_tensor_scale` scales in place
   there (the same float32 multiply).
 
+- ``megatron.core.fusions.fused_softmax.get_default_causal_mask``: builds the causal mask with
+  ``device="cuda"``; :class:`CpuDeviceMode` covers it in the forward pass, but activation recompute
+  runs the layer's forward again inside autograd's backward, where the mode is not active. Replaced
+  by :func:`_causal_mask` (the same boolean mask, on CPU, cached per length).
+
 - Not a patch but a replacement the engine calls: :func:`zero_grad_buffer` zeroes the grad buffer
   except the fused-wgrad weights, whose first kernel call of a step overwrites instead of adding
   (:func:`zero_unwritten` zeroes any left unwritten before megatron finalises the gradients). The
@@ -46,6 +51,7 @@ here: nothing of this is used with CUDA present.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -197,6 +203,11 @@ def _cpu_multi_tensor_scale(
             torch.mul(src, scale, out=dst)
 
 
+@functools.lru_cache(maxsize=64)
+def _causal_mask(sq: int) -> torch.Tensor:
+    return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+
 def _cpu_rng_add(self: Any, name: str, seed: int) -> None:
     if seed in self.seeds_:
         raise Exception(f"seed {seed} already exists")
@@ -214,6 +225,7 @@ def apply() -> None:
     global _applied
     if _applied or not needed():
         return
+    from megatron.core.fusions import fused_softmax
     from megatron.core.optimizer import clip_grads
     from megatron.core.tensor_parallel import layers as mlayers
     from megatron.core.tensor_parallel import random as mrandom
@@ -234,4 +246,5 @@ def apply() -> None:
     mlayers.fused_weight_gradient_mlp_cuda = _CpuWgradAccum
     mlayers._grad_accum_fusion_available = True
     clip_grads.multi_tensor_scale_impl = _cpu_multi_tensor_scale
+    fused_softmax.get_default_causal_mask = _causal_mask
     _applied = True

@@ -47,6 +47,7 @@ class Settings:
     clip_grad: float = 1.0
     lora: LoraSpec | None = None
     precision: str = "fp32"  # fp32 | bf16 (bf16 weights and activations, fp32 main params and grads)
+    recompute: bool = False  # full activation recompute, one layer per checkpoint
 
     @property
     def dtype(self) -> torch.dtype:
@@ -129,7 +130,7 @@ def setup(settings: Settings, hf_dir: Path, shape: LlamaShape) -> Session:
 
     if settings.precision not in ("fp32", "bf16"):
         raise ValueError(f"precision {settings.precision!r}: the megatron backend trains fp32 or bf16")
-    config = transformer_config(shape, settings.tp, settings.pp, settings.dtype)
+    config = transformer_config(shape, settings.tp, settings.pp, settings.dtype, settings.recompute)
     with _cpu_compat.cpu_mode():
         module = build_model(shape, config)
     hf = convert.load_hf_state(hf_dir)
@@ -148,6 +149,12 @@ def setup(settings: Settings, hf_dir: Path, shape: LlamaShape) -> Session:
     adapters: dict[str, Any] = {}
     if settings.lora is not None:
         adapters = lora.attach(module, settings.lora, shape, settings.seed, layer_offset(shape, settings.pp))
+        if settings.recompute and parallel_state.is_pipeline_first_stage():
+            # megatron's recompute is a reentrant autograd Function over the layer inputs: with a
+            # frozen embedding nothing it receives requires grad, so backward would skip every
+            # layer and the adapters would get no gradient (measured: grad norm 0). Later pipeline
+            # stages receive activations that require grad already.
+            module.embedding.register_forward_hook(_inputs_require_grad)
     config.finalize_model_grads_func = _finalize_grads(finalize_model_grads)
     with _cpu_compat.cpu_mode():
         if settings.precision == "bf16":
@@ -193,6 +200,10 @@ def setup(settings: Settings, hf_dir: Path, shape: LlamaShape) -> Session:
         wd_incr_style="constant",
     )
     return Session(settings, shape, config, ddp, optimizer, scheduler, adapters=adapters)
+
+
+def _inputs_require_grad(_module: Any, _args: Any, output: torch.Tensor) -> torch.Tensor:
+    return output.requires_grad_(True) if torch.is_grad_enabled() else output
 
 
 def _finalize_grads(finalize: Callable[..., Any]) -> Callable[..., Any]:

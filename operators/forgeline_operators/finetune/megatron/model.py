@@ -85,7 +85,12 @@ def check_layout(shape: LlamaShape, tp: int, pp: int) -> None:
         raise OperatorError("parallelism does not fit the model: " + "; ".join(problems))
 
 
-def transformer_config(shape: LlamaShape, tp: int, pp: int, dtype: torch.dtype = torch.float32) -> Any:
+def transformer_config(
+    shape: LlamaShape, tp: int, pp: int, dtype: torch.dtype = torch.float32, recompute: bool = False
+) -> Any:
+    """``recompute``: megatron's full activation recompute, one layer per checkpoint (each layer
+    keeps only its input; its activations are recomputed in backward), what ``training.
+    gradient_checkpointing`` asks for and ``plan`` assumes."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from forgeline_operators.finetune.megatron import _cpu_compat
@@ -127,6 +132,11 @@ def transformer_config(shape: LlamaShape, tp: int, pp: int, dtype: torch.dtype =
         # the loss is scaled to a global per-token mean before backward (engine.loss_scale)
         calculate_per_token_loss=False,
         deallocate_pipeline_outputs=False,
+        **(
+            {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+            if recompute
+            else {}
+        ),
     )
 
 

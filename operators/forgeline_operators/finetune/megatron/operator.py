@@ -107,6 +107,7 @@ def _job(ctx: StageContext, stage: FinetuneStage) -> MegatronJob:
         weight_decay=t.weight_decay,
         lora=(stage.lora or _default_lora()) if stage.uses_adapter else None,
         precision="bf16" if gpu and t.precision == "bf16" else "fp32",
+        recompute=t.gradient_checkpointing,
     )
     datasets = {n: ctx.dataset(n).sha256 for n in filter(None, (stage.dataset, stage.eval_dataset))}
     identity = {"stage": stage.model_dump(mode="json"), "base": str(base_dir), **datasets}
