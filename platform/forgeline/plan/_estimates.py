@@ -17,12 +17,11 @@ Per GPU (or per CPU worker), for a model of N parameters:
   tensors), times 2 bytes in 16-bit or 4 in fp32. Fused attention (flash / cuDNN, the 16-bit GPU
   default) keeps no ``s x s`` probabilities, so the ``a*s`` term is dropped there; TE's fused norms
   keep somewhat less than the local spec, so on GPUs this is an upper bound. With activation
-  checkpointing: each layer's input plus one layer's activations (recomputed in backward), plus the
-  logits part as without it; the logits are freed before any layer is recomputed, so on a stage with
-  the output layer this sum is an upper bound (measured peak: inputs + max(one layer, logits), 0.56x
-  the sum on the tiny model, whose logits dominate; exact without logits). Preference data doubles the
-  sequences. (Korthikanti et al., 2022 count ``s*b*h*(34 + 5*a*s/h)`` bytes for GPT's GELU MLP
-  with dropout; a SwiGLU layer without dropout saves a different set.)
+  checkpointing: each layer's input plus one layer's activations (recomputed in backward); the
+  logits are freed before any layer is recomputed, so the stage with the output layer peaks at
+  inputs + max(one layer, logits) (measured). Preference data doubles the sequences. (Korthikanti
+  et al., 2022 count ``s*b*h*(34 + 5*a*s/h)`` bytes for GPT's GELU MLP with dropout; a SwiGLU layer
+  without dropout saves a different set.)
 
 Tensor/pipeline layouts follow Megatron (Korthikanti et al., 2022; Narayanan et al., 2021): each
 pipeline stage holds ceil(L/pp) transformer layers, whose weight matrices are split tp ways (norms are
@@ -241,6 +240,12 @@ def finetune_memory(
     # fp32 logits (the vocab-parallel softmax keeps them) plus their gradient during the backward.
     logits = {"logits": 2 * 4 * s * seqs * shape.vocab // tp} if shape.vocab else {}
     notes: list[str] = []
+    if gradient_checkpointing and logits:
+        # The logits and their gradient are freed before the first layer is recomputed: the stage
+        # with the output layer peaks at inputs + max(one layer, logits), so only the logits' excess
+        # over one recomputed layer adds (measured, tests/unit/test_memory_measured.py).
+        one_layer = int(_activation_elements_per_layer(s, seqs, shape, tp, fused_attention) * wbytes)
+        logits = {"logits (beyond the recomputed layer)": max(0, logits["logits"] - one_layer)}
     if pp == 1:
         parts = state(split.first) | {"activations": activations(L)} | logits
     else:
