@@ -178,6 +178,16 @@ current-context: test
 """
 
 
+def _die_with_parent() -> None:
+    """SIGKILL this control-plane process when the test process dies, however it dies (a killed
+    pytest otherwise left etcd, kube-apiserver and kube-controller-manager running)."""
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 @dataclass
 class Cluster:
     """One control plane; ``start()`` returns when ``/readyz`` answers ok, ``stop()`` kills it all."""
@@ -205,6 +215,7 @@ class Cluster:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # its own process group: stop() kills children too
+            preexec_fn=_die_with_parent,
         )
 
     def log_tail(self, name: str, n: int = 4000) -> str:

@@ -88,9 +88,9 @@ def check_layout(shape: LlamaShape, tp: int, pp: int) -> None:
 def transformer_config(
     shape: LlamaShape, tp: int, pp: int, dtype: torch.dtype = torch.float32, recompute: bool = False
 ) -> Any:
-    """``recompute``: megatron's full activation recompute, one layer per checkpoint (each layer
-    keeps only its input; its activations are recomputed in backward), what ``training.
-    gradient_checkpointing`` asks for and ``plan`` assumes."""
+    """The model config; ``recompute`` is megatron's full activation recompute, one layer per
+    checkpoint (each layer keeps only its input; its activations are recomputed in backward), what
+    ``training.gradient_checkpointing`` asks for and ``plan`` assumes."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from forgeline_operators.finetune.megatron import _cpu_compat
