@@ -80,7 +80,8 @@ def micro_batches(
 
     Every micro-batch is ``length`` wide, or with ``pad_to_longest`` as wide as the longest sequence
     of this rank's step (at most ``length``): the hf backend's collator likewise pads to the longest
-    row, and fixed-length padding computed ~20 % padding on the bench data. One width for the whole
+    row (measured on the bench data, batch 8 over one epoch: 36 % of the computed positions were
+    padding at the fixed length, 24 % padded to each step's longest). One width for the whole
     step keeps what the pipeline needs (every micro-batch of a step has one activation shape, and every
     stage of a replica builds the same rows, so they agree); padding only sits after each row's last
     token, where causal attention and the loss mask keep it out of every counted position.
