@@ -23,6 +23,7 @@ from forgeline_operators.deploy.front import FrontSettings, create_app, sse_even
 from forgeline_operators.deploy.loadgen import LoadSpec, percentile, workload
 from forgeline_operators.deploy.triton import TritonError, free_port, load_model, repository_request
 from forgeline_operators.serve.repository import (
+    INPUTS,
     MANIFEST,
     AdapterRef,
     OpenvinoModelSpec,
@@ -36,20 +37,21 @@ from forgeline_operators.serve.repository import (
 GOLDEN = """\
 name: "llm"
 backend: "python"
-max_batch_size: 0
+max_batch_size: 16
+dynamic_batching { }
 model_transaction_policy { decoupled: true }
 input [
-  { name: "text_input" data_type: TYPE_STRING dims: [ 1 ] optional: true },
-  { name: "messages" data_type: TYPE_STRING dims: [ 1 ] optional: true },
-  { name: "max_tokens" data_type: TYPE_INT32 dims: [ 1 ] optional: true },
-  { name: "temperature" data_type: TYPE_FP32 dims: [ 1 ] optional: true },
-  { name: "top_p" data_type: TYPE_FP32 dims: [ 1 ] optional: true },
-  { name: "top_k" data_type: TYPE_INT32 dims: [ 1 ] optional: true },
-  { name: "seed" data_type: TYPE_INT64 dims: [ 1 ] optional: true },
-  { name: "stop" data_type: TYPE_STRING dims: [ -1 ] optional: true },
-  { name: "ignore_eos" data_type: TYPE_BOOL dims: [ 1 ] optional: true },
-  { name: "stream" data_type: TYPE_BOOL dims: [ 1 ] optional: true },
-  { name: "lora_name" data_type: TYPE_STRING dims: [ 1 ] optional: true }
+  { name: "text_input" data_type: TYPE_STRING dims: [ 1 ] optional: true allow_ragged_batch: true },
+  { name: "messages" data_type: TYPE_STRING dims: [ 1 ] optional: true allow_ragged_batch: true },
+  { name: "max_tokens" data_type: TYPE_INT32 dims: [ 1 ] optional: true allow_ragged_batch: true },
+  { name: "temperature" data_type: TYPE_FP32 dims: [ 1 ] optional: true allow_ragged_batch: true },
+  { name: "top_p" data_type: TYPE_FP32 dims: [ 1 ] optional: true allow_ragged_batch: true },
+  { name: "top_k" data_type: TYPE_INT32 dims: [ 1 ] optional: true allow_ragged_batch: true },
+  { name: "seed" data_type: TYPE_INT64 dims: [ 1 ] optional: true allow_ragged_batch: true },
+  { name: "stop" data_type: TYPE_STRING dims: [ -1 ] optional: true allow_ragged_batch: true },
+  { name: "ignore_eos" data_type: TYPE_BOOL dims: [ 1 ] optional: true allow_ragged_batch: true },
+  { name: "stream" data_type: TYPE_BOOL dims: [ 1 ] optional: true allow_ragged_batch: true },
+  { name: "lora_name" data_type: TYPE_STRING dims: [ 1 ] optional: true allow_ragged_batch: true }
 ]
 output [
   { name: "text_output" data_type: TYPE_STRING dims: [ 1 ] },
@@ -254,7 +256,11 @@ def _fake_triton(request: httpx.Request) -> httpx.Response:
     if request.url.path.endswith("/ready"):
         return httpx.Response(200)
     body = json.loads(request.content)
-    assert body["text_input"] == "Hi" and body["max_tokens"] == 3 and body["stop"] == ["x"]
+    if body["messages"]:
+        assert body["text_input"] == ""
+        assert json.loads(body["messages"]) == [{"role": "user", "content": "Hi"}]
+    else:
+        assert body["text_input"] == "Hi" and body["max_tokens"] == 3 and body["stop"] == ["x"]
     events = [
         {
             "text_output": "a",
@@ -283,7 +289,10 @@ def test_front_against_stub_triton() -> None:
             base_url="http://triton", transport=httpx.MockTransport(_fake_triton)
         )
 
+        sent: list[dict[str, Any]] = []
+
         async def generate(payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+            sent.append(dict(payload))
             url = "http://triton/v2/models/llm/generate_stream"
             body = _fake_triton(httpx.Request("POST", url, json=payload)).content
 
@@ -310,6 +319,12 @@ def test_front_against_stub_triton() -> None:
         )
         assert client.get("/v1/health/ready").status_code == 200
         assert 'forgeline_requests_total{route="completions",status="200"} 2.0' in client.get("/metrics").text
+        chat = {"model": "m", "messages": [{"role": "user", "content": "Hi"}], "seed": 3, "top_k": 4}
+        assert client.post("/v1/chat/completions", json=chat, headers=auth).status_code == 200
+        # Every request sets every input of the model (Triton batches only requests with the same set).
+        assert [set(p) for p in sent] == [{name for name, _, _ in INPUTS}] * 3
+        assert sent[0]["stop"] == ["x"] and sent[0]["seed"] == -1 and sent[0]["messages"] == ""
+        assert sent[2]["seed"] == 3 and sent[2]["top_k"] == 4 and sent[2]["stop"] == [""]
 
 
 def test_repository_request_is_the_proto_wire_format() -> None:

@@ -242,20 +242,22 @@ def create_app(settings: FrontSettings) -> FastAPI:
         return {"object": "list", "data": data}
 
     def _payload(body: _Sampling, lora: str | None, default_max: int) -> dict[str, Any]:
+        # Every request carries the same inputs (neutral values for what the client left out): Triton's
+        # dynamic batcher puts only requests with the same set of inputs in one ``execute``, and the
+        # engine model takes new requests only between engine steps (see serve/repository.py).
         payload: dict[str, Any] = {
+            "text_input": "",
+            "messages": "",
             "max_tokens": body.max_completion_tokens or body.max_tokens or default_max,
             "temperature": body.temperature,
             "top_p": body.top_p,
+            "top_k": body.top_k or 0,  # 0: no top-k
+            "seed": body.seed if body.seed is not None else -1,  # negative: no seed
+            "stop": body.stops() or [""],  # empty strings are ignored
+            "ignore_eos": body.ignore_eos,
             "stream": True,
+            "lora_name": "",
         }
-        if body.top_k:
-            payload["top_k"] = body.top_k
-        if body.seed is not None:
-            payload["seed"] = body.seed
-        if body.stops():
-            payload["stop"] = body.stops()
-        if body.ignore_eos:
-            payload["ignore_eos"] = True
         route = settings.routes.get(lora or "")
         if route:
             payload[_TARGET] = route

@@ -14,12 +14,16 @@ of chat messages, rendered with the tokenizer's chat template), ``max_tokens``, 
 Outputs: ``text_output`` (the new text), ``output_ids`` (the new token ids), ``finish_reason``
 (empty until the last response), ``prompt_tokens``, ``completion_tokens``.
 
-Per-token cost is kept off the engine thread's critical path (measured with py-spy: before this, the
-engine thread spent more time in IPC than in ``step()``). The engine thread makes only engine calls
-(``add_request``, ``step``, ``read``, ``cancel``) and queues what each request should receive; a
-second thread (``forgeline-sender``) decodes text, builds the responses, sends them and polls
-cancellation, mostly while ``step()`` runs with the GIL released (py-spy, 64 streams on the ~30M
-model: the engine thread's time outside ``step()`` went from 7 % to 1 %):
+OpenVINO GenAI's ``step()`` holds the GIL for the whole step (2026.4 binding; measured: a spinning
+Python thread gets no iteration during a 0.4 s step), so no Python runs in this process while the
+engine computes: requests are parsed (``execute``) and responses sent *between* steps. Two things
+follow. The model is batched in Triton (``dynamic_batching``, see repository.py), so every request
+that arrived during a step enters in one ``execute`` after it; with one request per ``execute``, 64
+simultaneous requests took ~4 s to enter the engine. And the Python work between steps is kept
+short: the engine thread makes only engine calls (``add_request``, ``step``, ``read``, ``cancel``)
+and queues what each request should receive; a second thread (``forgeline-sender``) decodes text,
+builds the responses, sends them and polls cancellation (measured on the ~30M model, 64 streams:
+1.5-1.8 ms between two steps, ~3 % of the run):
 
 - every call into the server (``send``, ``is_cancelled``, metric updates) is an IPC round trip, so they
   are rate-limited: streaming responses are coalesced so that all live requests *together* get at most
@@ -56,6 +60,10 @@ CANCEL_CHECKS_PER_S = 200.0  # is_cancelled() round trips per second, all live r
 MIN_CANCEL_CHECK_S = 0.02
 METRICS_INTERVAL_S = 0.1
 LOOKBACK_TOKENS = 4
+# How long the engine waits before a step for more requests after an execute() (see _await_arrivals).
+GRACE_FRACTION = 0.05  # of the last step's time
+MIN_GRACE_S, MAX_GRACE_S = 0.0005, 0.005
+MAX_ARRIVAL_WAIT_S = 0.02
 
 
 @dataclass
@@ -163,8 +171,8 @@ class TritonPythonModel:
             engine_dir = version_dir / engine_dir
         threads = int(_param(params, "num_threads", "1"))
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-        # step() releases the GIL and needs it back to return; with the default 5 ms switch interval
-        # the engine thread waited up to 5 ms per step behind request parsing and response threads
+        # step() holds the GIL; between steps the engine thread takes turns with execute() and the
+        # sender, and with the default 5 ms switch interval it waited up to 5 ms per step for them
         # (measured: a busy Python thread doubled step() time at 5 ms, +12 % at 0.5 ms).
         sys.setswitchinterval(float(_param(params, "gil_switch_interval_s", "0.0005")))
 
@@ -224,6 +232,9 @@ class TritonPythonModel:
         self._draining = threading.Event()
         self._drain_timeout_s = float(_param(params, "drain_timeout_s", "600"))
         self._next_id = 0
+        self._admission = threading.Lock()  # held by execute(): no step starts while it parses
+        self._executed = threading.Event()  # set when an execute() returns
+        self._last_step_s = 0.0
         self._metrics()
         # (kind, request, ids up to, reason): what the sender thread turns into responses, in order
         self._outbox: queue.Queue[tuple[str, _Live, int, str] | None] = queue.Queue()
@@ -254,15 +265,40 @@ class TritonPythonModel:
     # ------------------------------------------------------------------------------------- requests
 
     def execute(self, requests: list[Any]) -> None:
-        for request in requests:
-            sender = request.get_response_sender()
-            try:
-                live, prompt, cfg = self._parse(request, sender)
-            except Exception as e:  # a bad request fails alone, never the model
-                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))), flags=FINAL)
-                continue
-            self._queue.put((live, prompt, cfg))
+        # Under the admission lock the engine starts no step, so a batch is parsed in one go and enters
+        # the engine together; without it the engine thread took the GIL back every switch interval
+        # and ran a whole step, and 62 requests took 2.6 s to parse (measured), one or two per step.
+        with self._admission:
+            for request in requests:
+                sender = request.get_response_sender()
+                try:
+                    live, prompt, cfg = self._parse(request, sender)
+                except Exception as e:  # a bad request fails alone, never the model
+                    sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))), flags=FINAL)
+                    continue
+                self._queue.put((live, prompt, cfg))
+        self._executed.set()
         return None
+
+    def _await_arrivals(self) -> None:
+        """Before a step: let a batch of requests that Triton is handing over enter it.
+
+        After ``execute`` returns, the stub needs the GIL once more to acknowledge it, and only then
+        does Triton send the next batch; a step started in between (holding the GIL) delayed both by a
+        whole step, and in a burst the last requests entered the engine 1-2 s late (measured: 40 of
+        64 requests). So after an ``execute``, the engine waits a grace period -- a small fraction of
+        its last step, 0.5-5 ms -- for the next one, and again after each that comes, up to
+        ``MAX_ARRIVAL_WAIT_S`` in all. With no arrivals there is no wait at all.
+        """
+        grace = min(MAX_GRACE_S, max(MIN_GRACE_S, GRACE_FRACTION * self._last_step_s))
+        deadline = time.monotonic() + MAX_ARRIVAL_WAIT_S
+        while True:
+            with self._admission:  # an execute under way finishes before the step
+                pass
+            if not self._executed.is_set() or time.monotonic() >= deadline:
+                return
+            self._executed.clear()
+            self._executed.wait(grace)  # releases the GIL: the stub acknowledges, Triton sends more
 
     def _parse(self, request: Any, sender: Any) -> tuple[_Live, Any, Any]:
         ov_genai = self._ov
@@ -293,7 +329,7 @@ class TritonPythonModel:
             if top_k:
                 cfg.top_k = int(top_k)
             seed = _scalar(request, "seed")
-            if seed is not None:
+            if seed is not None and int(seed) >= 0:  # negative: no seed (the front always sends one)
                 cfg.rng_seed = int(seed)
         stop = [s for s in _strings(request, "stop") if s]
         if stop:
@@ -341,8 +377,11 @@ class TritonPythonModel:
                         return
                     self._admit(live, block=True)
                     continue
+                self._await_arrivals()
                 self._admit(live, block=False)
+                started = time.perf_counter()
                 self.pipe.step()
+                self._last_step_s = time.perf_counter() - started
                 self._dirty = True
                 self._steps += 1
                 self._collect(live)
@@ -389,8 +428,8 @@ class TritonPythonModel:
         """Read every live request's new tokens and queue its responses for the sender thread.
 
         Only engine calls happen here (read, status, cancel): the responses (decoding, tensors, the
-        IPC of ``send``) and the cancellation polls run on the sender thread, while ``step()`` --
-        which releases the GIL -- runs here (py-spy: they were 7 % of this thread's time).
+        IPC of ``send``) and the cancellation polls run on the sender thread (py-spy: they were 7 %
+        of this thread's time).
         """
         done: list[int] = []
         now = time.monotonic()
@@ -502,12 +541,13 @@ class TritonPythonModel:
         self._send(req, rest, ids[req.sent_ids :], reason, final=True)
 
     def _send(self, req: _Live, text: str, ids: list[int], reason: str, final: bool) -> None:
+        # Shapes [1, ...]: the model is batched (Triton's dynamic batcher), each request a batch of one.
         tensors = [
-            pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_)),
-            pb_utils.Tensor("output_ids", np.array(ids, dtype=np.int32)),
-            pb_utils.Tensor("finish_reason", np.array([reason.encode()], dtype=np.object_)),
-            pb_utils.Tensor("prompt_tokens", np.array([req.prompt_tokens], dtype=np.int32)),
-            pb_utils.Tensor("completion_tokens", np.array([len(req.ids)], dtype=np.int32)),
+            pb_utils.Tensor("text_output", np.array([[text.encode("utf-8")]], dtype=np.object_)),
+            pb_utils.Tensor("output_ids", np.array([ids], dtype=np.int32).reshape(1, len(ids))),
+            pb_utils.Tensor("finish_reason", np.array([[reason.encode()]], dtype=np.object_)),
+            pb_utils.Tensor("prompt_tokens", np.array([[req.prompt_tokens]], dtype=np.int32)),
+            pb_utils.Tensor("completion_tokens", np.array([[len(req.ids)]], dtype=np.int32)),
         ]
         try:
             req.sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL if final else 0)
