@@ -151,7 +151,7 @@ def test_repository_with_adapters_routes_to_one_engine_per_adapter(tmp_path: Pat
     assert manifest["routes"] == {"": "llm__base", "sql": "llm__sql"}
     assert (repo / "llm/1/model.py").read_text().startswith('"""Triton python-backend model that routes')
     router = (repo / "llm/config.pbtxt").read_text()
-    assert router == router_config("llm", {"": "llm__base", "sql": "llm__sql"})
+    assert router == router_config("llm", {"": "llm__base", "sql": "llm__sql"}, spec.scheduler.max_num_seqs)
     routes = json.dumps(json.dumps({"": "llm__base", "sql": "llm__sql"}))
     assert f'parameters {{ key: "routes" value: {{ string_value: {routes} }} }}' in router
     sql = (repo / "llm__sql/config.pbtxt").read_text()

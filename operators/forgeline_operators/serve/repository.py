@@ -174,7 +174,7 @@ def openvino_config(spec: OpenvinoModelSpec) -> str:
     return _decoupled_python(spec.name, params, s.max_num_seqs)
 
 
-def router_config(name: str, routes: Mapping[str, str], max_batch: int = 64) -> str:
+def router_config(name: str, routes: Mapping[str, str], max_batch: int) -> str:
     """``config.pbtxt`` of the LoRA router: the engine's I/O, ``routes`` = adapter ("" = base) → model."""
     routes_json = json.dumps(dict(sorted(routes.items())), sort_keys=True)
     return _decoupled_python(name, {"routes": routes_json}, max_batch)

@@ -546,7 +546,7 @@ class TritonPythonModel:
         # Shapes [1, ...]: the model is batched (Triton's dynamic batcher), each request a batch of one.
         tensors = [
             pb_utils.Tensor("text_output", np.array([[text.encode("utf-8")]], dtype=np.object_)),
-            pb_utils.Tensor("output_ids", np.array([ids], dtype=np.int32).reshape(1, len(ids))),
+            pb_utils.Tensor("output_ids", np.array([ids], dtype=np.int32)),
             pb_utils.Tensor("finish_reason", np.array([[reason.encode()]], dtype=np.object_)),
             pb_utils.Tensor("prompt_tokens", np.array([[req.prompt_tokens]], dtype=np.int32)),
             pb_utils.Tensor("completion_tokens", np.array([[len(req.ids)]], dtype=np.int32)),
