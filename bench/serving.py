@@ -5,8 +5,9 @@
 3. transformers static batched ``generate()`` (batches of 16, left padding);
 4. transformers continuous batching (``generate_batch``), when this transformers has it;
 5. transformers one-by-one ``generate()``.
-Every engine runs with 1 thread, greedy, fp32 (KV cache: ``--kv-cache-precision``, f32 by default),
-output lengths forced (ignore EOS). Targets (issue 5):
+Every engine runs greedy with ``--threads`` threads (1 by default) at ``--precision`` (f32 by default;
+bf16: OpenVINO's bf16 inference and KV cache, transformers in torch.bfloat16, 2+ threads), KV cache
+``--kv-cache-precision`` at f32 (f32 by default), output lengths forced (ignore EOS). Targets (issue 5):
 endpoint ≥ 4x static batching; endpoint overhead vs in-process engine ≤ 1.15x.
 
 Wall-clock numbers on a shared 2-core machine are noisy (the same engine run varies by ±10 % from one
@@ -50,7 +51,7 @@ from forgeline_operators.deploy.loadgen import LoadReport, LoadSpec, percentile,
 from forgeline_operators.deploy.triton import group_members
 from forgeline_operators.models.tiny_llama import SOURCE
 from forgeline_operators.serve.export import export_openvino
-from forgeline_operators.serve.repository import OpenvinoModelSpec, build_openvino_repository
+from forgeline_operators.serve.repository import OpenvinoModelSpec, build_openvino_repository, openvino_config
 
 
 def _cpu_s(pid: int) -> float:
@@ -88,14 +89,19 @@ def _measured_load(url: str, pgid: int, spec: LoadSpec) -> tuple[LoadReport, dic
     return report, cpu
 
 
-def ov_inprocess(ir: Path, jobs: list[tuple[str, int]], kv: str = "f32") -> tuple[float, float, int, float]:
+def ov_inprocess(
+    ir: Path, jobs: list[tuple[str, int]], sched_spec: SchedulerSpec, threads: int
+) -> tuple[float, float, int, float]:
     """(seconds, p99 TTFT, tokens, CPU seconds of this process) from the first add_request on."""
     import openvino_genai as ov_genai
 
     sched = ov_genai.SchedulerConfig()
     sched.max_num_seqs, sched.max_num_batched_tokens, sched.num_kv_blocks = 64, 1024, 512
     sched.enable_prefix_caching = True
-    props = {"INFERENCE_NUM_THREADS": 1, "INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": kv}
+    precision = sched_spec.inference_precision
+    kv = sched_spec.kv_cache_precision if precision == "f32" else precision  # as the endpoint's config
+    props = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": precision}
+    props["KV_CACHE_PRECISION"] = kv
     pipe = ov_genai.ContinuousBatchingPipeline(str(ir), sched, "CPU", props)
     tok = pipe.get_tokenizer()
     start, cpu0 = time.perf_counter(), time.process_time()
@@ -118,13 +124,14 @@ def ov_inprocess(ir: Path, jobs: list[tuple[str, int]], kv: str = "f32") -> tupl
     return elapsed, percentile(list(first.values()), 99), tokens, cpu
 
 
-def _hf_model(hf: Path) -> tuple[Any, Any]:
+def _hf_model(hf: Path, threads: int, precision: str) -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     tok = AutoTokenizer.from_pretrained(hf, padding_side="left")
-    return tok, AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    return tok, AutoModelForCausalLM.from_pretrained(hf, dtype=dtype).eval()
 
 
 def hf_static(tok: Any, model: Any, jobs: list[tuple[str, int]]) -> tuple[float, float, int]:
@@ -189,6 +196,14 @@ def main() -> None:
         help="KV cache of both OpenVINO runs (the endpoint's scheduler.kv_cache_precision and in-process)",
     )
     ap.add_argument(
+        "--precision",
+        choices=("f32", "bf16"),
+        default="f32",
+        help="compute precision of every engine (the endpoint's scheduler.inference_precision, in-process "
+        "OpenVINO, transformers' dtype); bf16 needs --threads 2 or more",
+    )
+    ap.add_argument("--threads", type=int, default=1, help="threads of every engine (OpenVINO and torch)")
+    ap.add_argument(
         "--rounds",
         type=int,
         default=5,
@@ -197,6 +212,9 @@ def main() -> None:
         "engine in odd ones); the ratios are taken within a round",
     )
     args = ap.parse_args()
+    sched = SchedulerSpec(kv_cache_precision=args.kv_cache_precision, inference_precision=args.precision)
+    model_spec = OpenvinoModelSpec(name="llm", scheduler=sched, threads=args.threads)
+    openvino_config(model_spec)  # bf16 on one thread fails here, not in the server
     spec = LoadSpec(requests=args.requests, concurrency=args.requests, seed=0)
     warm = LoadSpec(requests=16, concurrency=16, seed=99)
     rounds: list[dict[str, tuple[float, float, int]]] = []
@@ -213,14 +231,12 @@ def main() -> None:
         repo = build_openvino_repository(
             Path(tmp) / "repo",
             ir,
-            OpenvinoModelSpec(
-                name="llm", scheduler=SchedulerSpec(kv_cache_precision=args.kv_cache_precision)
-            ),
+            model_spec,
         )
         home = Path(tmp) / "home"
-        tok, model = _hf_model(hf)
-        ov_inprocess(ir, workload(warm))  # warm-up, same as the endpoint's
-        rec = start_detached(home, repo, "bench", served_name="llm")
+        tok, model = _hf_model(hf, args.threads, args.precision)
+        ov_inprocess(ir, workload(warm), sched, args.threads)  # warm-up, same as the endpoint's
+        rec = start_detached(home, repo, "bench", served_name="llm", threads=args.threads)
         try:
             run_load(rec.url, warm)  # warm-up: connections, first inference; other prompts (no cache hits)
             for r in range(args.rounds):
@@ -228,10 +244,10 @@ def main() -> None:
                 jobs = workload(rspec)
                 # The endpoint and the in-process engine take turns going first (the machine drifts).
                 if r % 2:
-                    inprocess = ov_inprocess(ir, jobs, args.kv_cache_precision)
+                    inprocess = ov_inprocess(ir, jobs, sched, args.threads)
                 report, round_cpu = _measured_load(rec.url, rec.pgid, rspec)
                 if not r % 2:
-                    inprocess = ov_inprocess(ir, jobs, args.kv_cache_precision)
+                    inprocess = ov_inprocess(ir, jobs, sched, args.threads)
                 secs, ttft, tokens, round_engine_cpu = inprocess
                 row = {
                     "endpoint (triton + OpenAI front)": (
@@ -257,7 +273,7 @@ def main() -> None:
             one = _measured_load(rec.url, rec.pgid, one_spec)[0]
         finally:
             stop_endpoint(home, "bench")
-        one_inprocess = ov_inprocess(ir, workload(replace(one_spec, seed=1001)))[0]
+        one_inprocess = ov_inprocess(ir, workload(replace(one_spec, seed=1001)), sched, args.threads)[0]
         jobs = workload(spec)
         once = hf_once(tok, model, jobs)
     # Round 0 is the canonical workload (seed 0); the slow baselines ran on it once.
@@ -265,7 +281,8 @@ def main() -> None:
     static = rows["transformers static batch=16"]
     print(
         f"\nmodel {args.model}: {len(jobs)} requests, {sum(n for _, n in jobs)} output tokens, "
-        f"1 thread per engine, {args.kv_cache_precision} KV cache; round 0 (seed 0):"
+        f"{args.threads} thread(s) per engine, {args.precision}, "
+        f"{args.kv_cache_precision if args.precision == 'f32' else 'bf16'} KV cache; round 0 (seed 0):"
     )
     print(f"{'system':38} {'tok/s':>9} {'p99 TTFT ms':>12} {'vs static':>10}")
     table = {}
@@ -314,6 +331,8 @@ def main() -> None:
         result = {
             "model": args.model,
             "kv_cache_precision": args.kv_cache_precision,
+            "precision": args.precision,
+            "threads": args.threads,
             "one_token_requests_s": {"endpoint": one.duration_s, "inprocess": round(one_inprocess, 3)},
             "rows": table,
             "rounds": {

@@ -43,8 +43,9 @@ def _die(message: str) -> typer.Exit:
     return typer.Exit(1)
 
 
-def _repository_for(uri: str, home: Path, threads: int) -> Path:
-    """Build (once, cached by the model's fingerprint) the Triton repository serving ``uri``."""
+def _repository_for(uri: str, home: Path, threads: int, precision: str = "f32") -> Path:
+    """Build (once, cached by the model's fingerprint and the engine settings) the Triton repository
+    serving ``uri``."""
     import hashlib
     import tempfile
 
@@ -52,10 +53,19 @@ def _repository_for(uri: str, home: Path, threads: int) -> Path:
     from forgeline.registry import default_registry
     from forgeline.spec._models import SchedulerSpec
     from forgeline_operators.serve.export import openvino_engine
-    from forgeline_operators.serve.repository import OpenvinoModelSpec, build_openvino_repository
+    from forgeline_operators.serve.repository import (
+        OpenvinoModelSpec,
+        build_openvino_repository,
+        openvino_config,
+    )
 
     store = ModelStore(home / "artifacts", default_registry())
-    key = hashlib.sha256(store.fingerprint(uri, Path.cwd()).encode()).hexdigest()[:16]
+    scheduler = SchedulerSpec(inference_precision=precision)
+    spec = OpenvinoModelSpec(name="model", scheduler=scheduler, threads=threads)
+    openvino_config(spec)  # bad settings fail here, before any export
+    # The engine settings live in the repository's config.pbtxt: they are part of what is cached.
+    settings = f"threads={threads} precision={precision}"
+    key = hashlib.sha256(f"{store.fingerprint(uri, Path.cwd())} {settings}".encode()).hexdigest()[:16]
     target = home / "serving" / key / "repository"
     if (target / "forgeline-repository.json").exists():
         return target
@@ -66,7 +76,7 @@ def _repository_for(uri: str, home: Path, threads: int) -> Path:
         if exported:
             err.print(f"exported {uri} to OpenVINO (fp32)", highlight=False)
         staging = Path(tmp) / "repository"
-        build_openvino_repository(staging, engine, OpenvinoModelSpec(name="model", scheduler=SchedulerSpec()))
+        build_openvino_repository(staging, engine, spec)
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)
     return target
@@ -86,6 +96,13 @@ def serve(
         str | None, typer.Option(help="Environment variable holding a bearer token to require.")
     ] = None,
     threads: Annotated[int, typer.Option(help="Engine threads.")] = 1,
+    precision: Annotated[
+        str,
+        typer.Option(
+            help="Engine compute precision: f32 (greedy equals transformers) or bf16 (faster on CPUs "
+            "with AMX / AVX512-BF16; needs --threads 2 or more)."
+        ),
+    ] = "f32",
     home: HomeOpt = None,
 ) -> None:
     """Serve a model with a real Triton Inference Server and an OpenAI-compatible API."""
@@ -94,7 +111,9 @@ def serve(
     h = _home(home)
     endpoint = name or model_uri.rstrip("/").rsplit("/", 1)[-1].split("@")[0].replace(".", "-") or "model"
     try:
-        repo = _repository_for(model_uri, h, threads)
+        if precision not in ("f32", "bf16"):
+            raise ValueError(f"--precision must be f32 or bf16, got {precision!r}")
+        repo = _repository_for(model_uri, h, threads, precision)
         if detach:
             rec = start_detached(
                 h, repo, endpoint, port, served_name=endpoint, max_queue=max_queue,

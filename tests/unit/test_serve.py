@@ -346,3 +346,31 @@ def test_kv_cache_precision_reaches_the_model_config(tmp_path: Path) -> None:
     assert 'key: "inference_precision" value: { string_value: "f32" }' in config
     with pytest.raises(ValueError, match="kv_cache_precision"):
         SchedulerSpec(kv_cache_precision="int4")  # type: ignore[arg-type]
+
+
+def test_bf16_inference_reaches_the_model_config_with_a_bf16_cache() -> None:
+    spec = OpenvinoModelSpec(name="m", scheduler=SchedulerSpec(inference_precision="bf16"), threads=2)
+    config = openvino_config(spec)
+    assert 'key: "inference_precision" value: { string_value: "bf16" }' in config
+    assert 'key: "kv_cache_precision" value: { string_value: "bf16" }' in config
+    assert 'key: "num_threads" value: { string_value: "2" }' in config
+
+
+def test_bf16_on_one_thread_is_refused_with_the_fix() -> None:
+    # OpenVINO 2026.4 dies (SIGFPE) constructing a one-thread bf16 pipeline: refuse before Triton loads it.
+    spec = OpenvinoModelSpec(name="m", scheduler=SchedulerSpec(inference_precision="bf16"), threads=1)
+    with pytest.raises(ValueError, match=r"2 or more engine threads.*cpus: 2"):
+        openvino_config(spec)
+    with pytest.raises(ValueError, match="kv_cache_precision 'u8' needs inference_precision 'f32'"):
+        SchedulerSpec(inference_precision="bf16", kv_cache_precision="u8")
+
+
+def test_cli_serve_refuses_bf16_on_one_thread_before_any_work(tmp_path: Path) -> None:
+    runner = CliRunner()
+    args = ["serve", "builtin://tiny-llama", "--precision", "bf16", "--threads", "1", "--home", str(tmp_path)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1 and "2 or more engine threads" in result.stderr
+    assert not (tmp_path / "serving").exists()  # refused before exporting anything
+    args = ["serve", "builtin://tiny-llama", "--precision", "fp8", "--home", str(tmp_path)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1 and "--precision must be f32 or bf16" in result.stderr

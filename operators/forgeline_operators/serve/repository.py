@@ -113,8 +113,6 @@ class OpenvinoModelSpec:
     name: str
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
     threads: int = 1
-    # INFERENCE_PRECISION_HINT (the KV cache's is scheduler.kv_cache_precision); f32 is bit-exact vs HF
-    precision: str = "f32"
     num_kv_blocks: int = 512  # used when scheduler.kv_cache_gb is unset (block = 32 tokens)
     adapters: Mapping[str, AdapterRef] = field(default_factory=dict)
     speculative: SpeculativeRef | None = None
@@ -145,6 +143,15 @@ def _params(values: Mapping[str, str]) -> str:
 def openvino_config(spec: OpenvinoModelSpec) -> str:
     """``config.pbtxt`` of the decoupled python model (no I/O: pure)."""
     s = spec.scheduler
+    if s.inference_precision == "bf16" and spec.threads < 2:
+        # Seen with OpenVINO 2026.4 on this AMX CPU: SIGFPE inside the CPU plugin compiling the model at
+        # INFERENCE_NUM_THREADS 1 under bf16 (plain compile_model too, any KV cache precision, with
+        # or without CPU pinning or a performance hint; 2+ threads, and f32 or f16 on one, are fine).
+        raise ValueError(
+            f"inference_precision 'bf16' needs 2 or more engine threads, got {spec.threads} "
+            "(OpenVINO 2026.4 crashes building a one-thread bf16 pipeline); give the stage "
+            "`resources: {cpus: 2}` (forgeline serve: --threads 2) or use inference_precision 'f32'"
+        )
     params = {
         "engine_dir": "engine",
         "max_num_seqs": str(s.max_num_seqs),
@@ -153,10 +160,10 @@ def openvino_config(spec: OpenvinoModelSpec) -> str:
         "kv_cache_gb": str(s.kv_cache_gb or 0),
         "num_kv_blocks": str(spec.num_kv_blocks),
         "num_threads": str(spec.threads),
-        "inference_precision": spec.precision,
+        "inference_precision": s.inference_precision,
         # The scheduler's choice (f32 bit-exact vs transformers, or u8) at f32 inference; the CPU plugin
         # refuses any cache but bf16 under bf16 inference (seen with OpenVINO 2026.4).
-        "kv_cache_precision": s.kv_cache_precision if spec.precision == "f32" else spec.precision,
+        "kv_cache_precision": s.kv_cache_precision if s.inference_precision == "f32" else "bf16",
         "max_stream_events_per_s": f"{spec.max_stream_events_per_s:g}",
         **(
             {"draft_model": "draft", "num_assistant_tokens": str(spec.speculative.num_assistant_tokens)}

@@ -30,6 +30,7 @@ from forgeline.spec._models import (
     FinetuneStage,
     PromoteStage,
     PruneStage,
+    ServeStage,
     Stage,
     StageBase,
     Workflow,
@@ -377,6 +378,7 @@ def _semantic_problems(
                         f"{stage.kind} needs a dataset of format 'sft' or 'text'; {ds_name!r} is {fmt!r}",
                     )
                 )
+        problems.extend(_engine_thread_problems(stage, at, raw, smap))
         if isinstance(stage, EvaluateStage) and stage.gates.max_regression_vs is not None:
             target = stage.gates.max_regression_vs
             fpath = f"{at}.gates.max_regression_vs"
@@ -403,6 +405,33 @@ def _semantic_problems(
                 gates = stage.gates.model_copy(update={"baseline_ref": ref})
                 resolved[i] = stage.model_copy(update={"gates": gates})
     return problems, resolved
+
+
+def _engine_thread_problems(stage: StageBase, at: str, raw: dict[str, Any], smap: SourceMap) -> list[Problem]:
+    """A bf16 CPU engine (serve stage, or the local production endpoint of a promote stage) on fewer than
+    2 threads: OpenVINO 2026.4 dies with SIGFPE compiling it, so refuse it here with the fix."""
+    if isinstance(stage, ServeStage):
+        scheduler, fpath = stage.scheduler, f"{at}.scheduler.inference_precision"
+    elif isinstance(stage, PromoteStage) and stage.endpoint is not None:
+        scheduler, fpath = stage.endpoint.scheduler, f"{at}.endpoint.scheduler.inference_precision"
+    else:
+        return []
+    if scheduler.inference_precision != "bf16":
+        return []
+    res = raw.get("resources")
+    per_stage = res.get("cpus_per_stage", 1) if isinstance(res, dict) else 1
+    own = stage.resources.cpus if stage.resources else None
+    cpus = int(own or (per_stage if isinstance(per_stage, int | float) else 1))  # as the plan counts them
+    if cpus >= 2:
+        return []
+    return [
+        smap.problem(
+            fpath,
+            f"bf16 needs 2 or more engine threads; this stage gets {cpus} "
+            "(OpenVINO 2026.4 crashes building a one-thread bf16 pipeline)",
+            "give the stage `resources: {cpus: 2}` or use inference_precision: f32",
+        )
+    ]
 
 
 def _raw_stage_problems(
