@@ -147,6 +147,7 @@ def openvino_config(spec: OpenvinoModelSpec) -> str:
         # Seen with OpenVINO 2026.4 on this AMX CPU: SIGFPE inside the CPU plugin compiling the model at
         # INFERENCE_NUM_THREADS 1 under bf16 (plain compile_model too, any KV cache precision, with
         # or without CPU pinning or a performance hint; 2+ threads, and f32 or f16 on one, are fine).
+        # Upstream: openvinotoolkit/openvino#33300 (SIGFPE under `taskset -c 0`, open).
         raise ValueError(
             f"inference_precision 'bf16' needs 2 or more engine threads, got {spec.threads} "
             "(OpenVINO 2026.4 crashes building a one-thread bf16 pipeline); give the stage "
