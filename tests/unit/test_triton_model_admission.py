@@ -9,6 +9,7 @@ between two requests of the batch. tritonserver is not needed: ``triton_python_b
 from __future__ import annotations
 
 import importlib.util
+import json
 import queue
 import sys
 import threading
@@ -58,8 +59,8 @@ class _Metric:
     def increment(self, value: float) -> None: ...
 
 
-@pytest.fixture
-def model(monkeypatch: pytest.MonkeyPatch) -> Any:
+def _load_module(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """serve/triton_model.py as Triton's python stub loads it, with ``triton_python_backend_utils`` faked."""
     pb = types.ModuleType("triton_python_backend_utils")
     pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
@@ -68,6 +69,12 @@ def model(monkeypatch: pytest.MonkeyPatch) -> Any:
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
     spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def model(monkeypatch: pytest.MonkeyPatch) -> Any:
+    module = _load_module(monkeypatch)
     m = module.TritonPythonModel()  # initialize() needs an IR and a server: set what the loop uses
     m.pipe, m._ov = _Pipe(), types.SimpleNamespace(GenerationStatus=types.SimpleNamespace(RUNNING="RUNNING"))
     m._events_per_s, m._tokens, m._steps, m._cancelled, m._published, m._dirty = 500.0, 0, 0, 0, 0.0, False
@@ -130,3 +137,20 @@ def test_the_engine_waits_a_grace_period_for_the_next_batch(model: Any) -> None:
     while len(model.pipe.added_at) < 7 and time.monotonic() < deadline:
         time.sleep(0.005)
     assert len({model.pipe.added_at[rid] for rid in range(2, 8)}) == 1, model.pipe.added_at
+
+
+@pytest.mark.parametrize(("threads", "cpus"), [(1, {0, 1}), (2, {0})])
+def test_bf16_on_one_thread_fails_the_load_with_a_reason(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, threads: int, cpus: set[int]
+) -> None:
+    """OpenVINO 2026.4 kills the stub (SIGFPE) compiling a one-thread bf16 model, and it clamps the
+    threads to the CPUs the process may use: a hand-written config, or a 2-thread model pinned to one
+    CPU, must fail the load with the reason before OpenVINO is asked to compile anything."""
+    module = _load_module(monkeypatch)
+    monkeypatch.setattr(module.os, "sched_getaffinity", lambda pid: cpus)
+    params = {"inference_precision": {"string_value": "bf16"}, "num_threads": {"string_value": str(threads)}}
+    config = json.dumps({"name": "m", "parameters": params})
+    with pytest.raises(RuntimeError, match="2 or more engine threads on 2 or more CPUs"):
+        module.TritonPythonModel().initialize(
+            {"model_config": config, "model_repository": str(tmp_path), "model_version": "1"}
+        )

@@ -170,6 +170,17 @@ class TritonPythonModel:
         if not engine_dir.is_absolute():
             engine_dir = version_dir / engine_dir
         threads = int(_param(params, "num_threads", "1"))
+        precision = _param(params, "inference_precision", "f32")
+        cpus = len(os.sched_getaffinity(0))
+        if precision == "bf16" and min(threads, cpus) < 2:
+            # OpenVINO 2026.4 kills the process (SIGFPE) compiling a bf16 model on one thread, and it
+            # clamps the threads to the CPUs the process may use (seen under taskset -c 0): fail the
+            # load with a reason instead (openvinotoolkit/openvino#33300).
+            raise RuntimeError(
+                f"inference_precision bf16 needs 2 or more engine threads on 2 or more CPUs; this model "
+                f"has num_threads {threads} and the process may use {cpus} CPU(s) (OpenVINO 2026.4 "
+                "crashes compiling a one-thread bf16 model): serve with inference_precision f32"
+            )
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
         # step() holds the GIL; between steps the engine thread takes turns with execute() and the
         # sender, and with the default 5 ms switch interval it waited up to 5 ms per step for them
@@ -188,7 +199,7 @@ class TritonPythonModel:
             sched.num_kv_blocks = int(_param(params, "num_kv_blocks", "512"))
         properties: dict[str, Any] = {
             "INFERENCE_NUM_THREADS": threads,
-            "INFERENCE_PRECISION_HINT": _param(params, "inference_precision", "f32"),
+            "INFERENCE_PRECISION_HINT": precision,
             "KV_CACHE_PRECISION": _param(params, "kv_cache_precision", "f32"),
         }
         self._adapters: dict[str, Any] = {}
