@@ -60,10 +60,18 @@ CANCEL_CHECKS_PER_S = 200.0  # is_cancelled() round trips per second, all live r
 MIN_CANCEL_CHECK_S = 0.02
 METRICS_INTERVAL_S = 0.1
 LOOKBACK_TOKENS = 4
+# Longest wait for text to become clean UTF-8: a character spans at most 4 bytes, so past this the
+# bytes will never form text (see _incremental).
+MAX_PENDING_TOKENS = 8
 # How long the engine waits before a step for more requests after an execute() (see _await_arrivals).
 GRACE_FRACTION = 0.05  # of the last step's time
 MIN_GRACE_S, MAX_GRACE_S = 0.0005, 0.005
 MAX_ARRIVAL_WAIT_S = 0.02
+# After a step, the engine lets the sender thread send what the step produced, for at most this
+# share of the step's time (at least MIN_SENDER_WAIT_S), polling every SENDER_POLL_S (see _let_sender_run).
+SENDER_SHARE = 0.1
+MIN_SENDER_WAIT_S = 0.002
+SENDER_POLL_S = 0.0002
 
 
 @dataclass
@@ -399,11 +407,26 @@ class TritonPythonModel:
                 self._steps += 1
                 self._collect(live)
                 self._publish(live)
+                self._let_sender_run()
             except Exception:  # keep serving: fail the requests in flight, not the server
                 err = traceback.format_exc()
                 for item in list(live.values()):
                     self._outbox.put(("fail", item, 0, err))
                 live.clear()
+
+    def _let_sender_run(self) -> None:
+        """Give the sender thread the GIL until it has sent what this step queued (bounded).
+
+        ``step()`` holds the GIL, and between steps the engine thread runs Python without blocking, so
+        the sender got the GIL only at a switch interval or two per step: a few responses per step
+        while ~50 were queued. Its backlog grew to seconds (seen with 64 streams: requests whose
+        tokens were made from the first second got their first response at the end of the run, and
+        p99 TTFT was 2.3x the in-process engine's). Sleeping releases the GIL; the wait is capped
+        at ``SENDER_SHARE`` of the last step, so a slow client side cannot stall generation.
+        """
+        deadline = time.perf_counter() + max(MIN_SENDER_WAIT_S, SENDER_SHARE * self._last_step_s)
+        while self._outbox.qsize() and time.perf_counter() < deadline:
+            time.sleep(SENDER_POLL_S)
 
     def _admit(self, live: dict[int, _Live], block: bool) -> None:
         try:
@@ -506,7 +529,9 @@ class TritonPythonModel:
                     if _is_cancelled(req):
                         req.cancel_requested = True
                 elif kind == "stream":
-                    self._stream(req, upto)
+                    # Everything made by now, not only what was made when this was queued: a backlog
+                    # collapses into fewer, larger responses (the later queued ones find nothing new).
+                    self._stream(req, max(upto, len(req.ids)))
                 elif kind == "final":
                     self._finish(req, upto, reason)
                 elif kind == "cancelled":
@@ -532,13 +557,21 @@ class TritonPythonModel:
             return "length"
         return "stop"
 
-    def _incremental(self, req: _Live, upto: int) -> str:
-        """Text of ``ids[read_offset:upto]``, decoding only a short window (look-back for merges)."""
+    def _incremental(self, req: _Live, upto: int, flush: bool = False) -> str:
+        """Text of ``ids[read_offset:upto]``, decoding only a short window (look-back for merges).
+
+        It waits (returns "") while the window ends in an incomplete UTF-8 sequence or a merge changed
+        text already sent, but for at most ``MAX_PENDING_TOKENS`` tokens, and not at all on ``flush``
+        (the request's last tokens). A model can emit byte tokens that never form UTF-8 (seen: the
+        ~30M bench model repeating a lone lead byte, whose stream then sent nothing until its last
+        token); those bytes go out as U+FFFD once the wait is over, as the full decode renders them.
+        """
         ids, start = req.ids, max(0, req.read_offset - LOOKBACK_TOKENS)
         prefix = self._decode(ids[start : req.read_offset]) if req.read_offset > start else ""
         text = self._decode(ids[start:upto])
-        if text.endswith("\ufffd") or not text.startswith(prefix):
-            return ""  # an incomplete UTF-8 sequence (or a merge across the window): wait for more
+        clean = text.startswith(prefix) and not text.endswith("\ufffd")
+        if not clean and not flush and upto - req.read_offset <= MAX_PENDING_TOKENS:
+            return ""
         req.read_offset = upto
         return text[len(prefix) :]
 
@@ -550,7 +583,7 @@ class TritonPythonModel:
             return
         sent = "".join(req.sent_text)
         # One full decode per request keeps streamed text equal to the non-streamed text.
-        rest = whole[len(sent) :] if whole.startswith(sent) else self._incremental(req, upto)
+        rest = whole[len(sent) :] if whole.startswith(sent) else self._incremental(req, upto, flush=True)
         self._send(req, rest, ids[req.sent_ids :], reason, final=True)
 
     def _send(self, req: _Live, text: str, ids: list[int], reason: str, final: bool) -> None:
