@@ -417,12 +417,14 @@ class TritonPythonModel:
     def _let_sender_run(self) -> None:
         """Give the sender thread the GIL until it has sent what this step queued (bounded).
 
-        ``step()`` holds the GIL, and between steps the engine thread runs Python without blocking, so
-        the sender got the GIL only at a switch interval or two per step: a few responses per step
-        while ~50 were queued. Its backlog grew to seconds (seen with 64 streams: requests whose
-        tokens were made from the first second got their first response at the end of the run, and
-        p99 TTFT was 2.3x the in-process engine's). Sleeping releases the GIL; the wait is capped
-        at ``SENDER_SHARE`` of the last step, so a slow client side cannot stall generation.
+        ``step()`` holds the GIL. Each ``send`` releases it for its IPC round trip, and the engine
+        thread, waiting for it, then took it for a whole step: about one response per step while
+        ~50 were queued (tests/unit/test_triton_model_admission.py reproduces it: 18 of 20 streams
+        late). The backlog grew to seconds (seen with 64 streams: requests whose tokens were made in
+        the first second got their first response at the end of the run, and p99 TTFT was 2.3x the
+        in-process engine's). Sleeping releases the GIL; the wait is capped at ``SENDER_SHARE`` of
+        the last step, so a slow server side cannot stall generation, and is nothing when the
+        sender has nothing queued.
         """
         deadline = time.perf_counter() + max(MIN_SENDER_WAIT_S, SENDER_SHARE * self._last_step_s)
         while self._outbox.qsize() and time.perf_counter() < deadline:
