@@ -363,6 +363,20 @@ def _greedy_outputs(url: str) -> list[str]:
         return got
 
 
+def _mostly_agrees_with_f32(
+    endpoint: EndpointRecord, home: Path, repo: Path, name: str, threads: int = 1
+) -> None:
+    """Serve ``repo`` as endpoint ``name``: its greedy outputs equal the f32 endpoint's on >= 3/4 prompts."""
+    rec = start_detached(home, repo, name, served_name=MODEL, threads=threads)
+    try:
+        got = _greedy_outputs(rec.url)
+    finally:
+        stop_endpoint(home, name)
+    f32 = _greedy_outputs(endpoint.url)
+    same = sum(a == b for a, b in zip(got, f32, strict=True))
+    assert same >= len(_AGREE_JOBS) * 3 // 4, (same, list(zip(got, f32, strict=True))[:3])
+
+
 def test_u8_kv_cache_serves_and_mostly_agrees_with_f32(
     endpoint: EndpointRecord, ir_dir: Path, home: Path, tmp_path: Path
 ) -> None:
@@ -378,14 +392,7 @@ def test_u8_kv_cache_serves_and_mostly_agrees_with_f32(
         'key: "kv_cache_precision" value: { string_value: "u8" }'
         in (repo / MODEL / "config.pbtxt").read_text()
     )
-    rec = start_detached(home, repo, "u8", served_name=MODEL)
-    try:
-        u8 = _greedy_outputs(rec.url)
-    finally:
-        stop_endpoint(home, "u8")
-    f32 = _greedy_outputs(endpoint.url)
-    same = sum(a == b for a, b in zip(u8, f32, strict=True))
-    assert same >= len(_AGREE_JOBS) * 3 // 4, (same, list(zip(u8, f32, strict=True))[:3])
+    _mostly_agrees_with_f32(endpoint, home, repo, "u8")
 
 
 def test_bf16_engine_from_the_cli_path_serves_and_mostly_agrees_with_f32(
@@ -402,11 +409,4 @@ def test_bf16_engine_from_the_cli_path_serves_and_mostly_agrees_with_f32(
     config = (repo / "model" / "config.pbtxt").read_text()
     for key, value in (("inference_precision", "bf16"), ("kv_cache_precision", "bf16"), ("num_threads", "2")):
         assert f'key: "{key}" value: {{ string_value: "{value}" }}' in config, key
-    rec = start_detached(home, repo, "bf16", served_name=MODEL, threads=2)
-    try:
-        bf16 = _greedy_outputs(rec.url)
-    finally:
-        stop_endpoint(home, "bf16")
-    f32 = _greedy_outputs(endpoint.url)
-    same = sum(a == b for a, b in zip(bf16, f32, strict=True))
-    assert same >= len(_AGREE_JOBS) * 3 // 4, (same, list(zip(bf16, f32, strict=True))[:3])
+    _mostly_agrees_with_f32(endpoint, home, repo, "bf16", threads=2)
