@@ -98,10 +98,11 @@ def ov_inprocess(
     sched = ov_genai.SchedulerConfig()
     sched.max_num_seqs, sched.max_num_batched_tokens, sched.num_kv_blocks = 64, 1024, 512
     sched.enable_prefix_caching = True
-    precision = sched_spec.inference_precision
-    kv = sched_spec.kv_cache_precision if precision == "f32" else precision  # as the endpoint's config
-    props = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": precision}
-    props["KV_CACHE_PRECISION"] = kv
+    props = {
+        "INFERENCE_NUM_THREADS": threads,
+        "INFERENCE_PRECISION_HINT": sched_spec.inference_precision,
+        "KV_CACHE_PRECISION": sched_spec.engine_kv_cache_precision,  # as the endpoint's config
+    }
     pipe = ov_genai.ContinuousBatchingPipeline(str(ir), sched, "CPU", props)
     tok = pipe.get_tokenizer()
     start, cpu0 = time.perf_counter(), time.process_time()
@@ -282,7 +283,7 @@ def main() -> None:
     print(
         f"\nmodel {args.model}: {len(jobs)} requests, {sum(n for _, n in jobs)} output tokens, "
         f"{args.threads} thread(s) per engine, {args.precision}, "
-        f"{args.kv_cache_precision if args.precision == 'f32' else 'bf16'} KV cache; round 0 (seed 0):"
+        f"{sched.engine_kv_cache_precision} KV cache; round 0 (seed 0):"
     )
     print(f"{'system':38} {'tok/s':>9} {'p99 TTFT ms':>12} {'vs static':>10}")
     table = {}

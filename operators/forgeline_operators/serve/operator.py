@@ -70,9 +70,7 @@ def run(ctx: StageContext) -> StageResult:
             "max_batched_tokens": stage.scheduler.max_batched_tokens,
             "prefix_caching": stage.scheduler.prefix_caching,
             "inference_precision": stage.scheduler.inference_precision,
-            "kv_cache_precision": (
-                stage.scheduler.kv_cache_precision if stage.scheduler.inference_precision == "f32" else "bf16"
-            ),
+            "kv_cache_precision": stage.scheduler.engine_kv_cache_precision,
             "engine_threads": ctx.threads,
             "adapters": ",".join(sorted(adapters)),
             "lora_scales": ",".join(f"{n}={a.alpha:g}" for n, a in sorted(adapters.items())),

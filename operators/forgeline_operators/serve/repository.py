@@ -164,7 +164,7 @@ def openvino_config(spec: OpenvinoModelSpec) -> str:
         "inference_precision": s.inference_precision,
         # The scheduler's choice (f32 bit-exact vs transformers, or u8) at f32 inference; the CPU plugin
         # refuses any cache but bf16 under bf16 inference (seen with OpenVINO 2026.4).
-        "kv_cache_precision": s.kv_cache_precision if s.inference_precision == "f32" else "bf16",
+        "kv_cache_precision": s.engine_kv_cache_precision,
         "max_stream_events_per_s": f"{spec.max_stream_events_per_s:g}",
         **(
             {"draft_model": "draft", "num_assistant_tokens": str(spec.speculative.num_assistant_tokens)}

@@ -697,6 +697,11 @@ class SchedulerSpec(StrictModel):
         ),
     )
 
+    @property
+    def engine_kv_cache_precision(self) -> str:
+        """The KV cache the CPU engine gets: bf16 under bf16 inference (the plugin accepts no other)."""
+        return self.kv_cache_precision if self.inference_precision == "f32" else "bf16"
+
     @model_validator(mode="after")
     def _kv_under_bf16(self) -> SchedulerSpec:
         if self.inference_precision == "bf16" and self.kv_cache_precision == "u8":
