@@ -7,7 +7,6 @@ LOCK := requirements/cpu.lock
 # Re-install when the lock or the project metadata changes.
 STAMP := $(VENV)/.installed-$(shell cat $(LOCK) pyproject.toml 2>/dev/null | sha256sum | cut -c1-16)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
-export RAY_AUTH_MODE := disabled
 export RAY_USAGE_STATS_ENABLED := 0
 export MLFLOW_DISABLE_TELEMETRY := true
 export TOKENIZERS_PARALLELISM := false

@@ -108,10 +108,10 @@ def _case(method: str, dp: int, model: str, steps: int) -> dict[str, Any]:
     from forgeline_operators.models.tiny_llama import CHECKPOINT_DIR
 
     if dp > 1:
-        import ray
+        from forgeline.runtime._ray import RaySettings, ensure_ray
 
         os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT / "platform"), str(ROOT / "operators")])
-        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20, log_to_driver=False)
+        ensure_ray(RaySettings(num_cpus=2))  # the embedded settings the driver uses
     work = Path(tempfile.mkdtemp(prefix="bench-finetune-"))
     model_dir = (
         CHECKPOINT_DIR if model == "tiny" else _small_model(Path(tempfile.gettempdir()) / "bench-small-llama")

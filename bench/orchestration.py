@@ -28,6 +28,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from forgeline.registry import OperatorRegistry, OperatorSpec, default_registry  # noqa: E402
 from forgeline.runtime import RaySettings, RunSettings, make_planner, run_workflow  # noqa: E402
+from forgeline.runtime._ray import ensure_ray  # noqa: E402
 from forgeline.spec import load_workflow  # noqa: E402
 from forgeline.tracking import TrackingSettings, prepare  # noqa: E402
 
@@ -135,7 +136,7 @@ def main() -> None:
         bench_plan(tmp)
         # The quickstart first: its cold run includes starting the embedded Ray, as a user's would.
         bench_quickstart(tmp)
-        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20, log_to_driver=False)
+        ensure_ray(RaySettings(num_cpus=2))  # the embedded settings the driver uses
         bench_dispatch(tmp)
     finally:
         if ray.is_initialized():

@@ -64,13 +64,8 @@ def ray_session() -> Iterator[None]:
     """One embedded Ray for the integration tier (the driver reuses it and never shuts it down)."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(
-            num_cpus=2,
-            include_dashboard=False,
-            object_store_memory=256 * 2**20,
-            log_to_driver=False,
-            configure_logging=False,
-        )
+    from forgeline.runtime._ray import RaySettings, ensure_ray
+
+    ensure_ray(RaySettings(num_cpus=2))  # the driver's embedded settings: loopback only
     yield
     ray.shutdown()

@@ -99,3 +99,52 @@ def test_s3_model_uri_fingerprint_download_and_change(s3_endpoint: str, tmp_path
         store.fingerprint("s3://models/team/nothing-here")
     with pytest.raises(UriError, match=r"cannot list s3://no-such-bucket/x: .*NoSuchBucket"):
         store.materialize("s3://no-such-bucket/x")
+
+
+CRAFTED_KEYS = [
+    "model/../../../../../../../../../../../{dir}/PWNED.txt",
+    "model/{abs}/PWNED.txt",
+    "model/..\\..\\PWNED.txt",
+    "model/%2e%2e/%2e%2e/PWNED.txt",
+    "model/" + "x" * 300 + "/PWNED.txt",
+]
+
+
+@pytest.mark.parametrize("crafted", CRAFTED_KEYS, ids=["dotdot", "absolute", "backslash", "encoded", "long"])
+def test_s3_keys_outside_the_download_directory_are_refused(
+    s3_endpoint: str, tmp_path: Path, crafted: str
+) -> None:
+    """A listing with a key that would land outside the download directory (zip-slip through S3): the
+    materialization fails naming the key, and no file appears anywhere outside."""
+    import boto3
+
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    key = crafted.format(dir=str(victim).lstrip("/"), abs=str(victim))
+    bucket = f"evil-{CRAFTED_KEYS.index(crafted)}"
+    client = boto3.client("s3")
+    client.create_bucket(Bucket=bucket)
+    client.put_object(Bucket=bucket, Key="model/config.json", Body=b"{}")
+    client.put_object(Bucket=bucket, Key=key, Body=b"pwned")
+    listed = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="model/")["Contents"]]
+    assert key in listed  # the server really lists the crafted key
+    store = ModelStore(tmp_path / "artifacts", default_registry())
+    with pytest.raises(UriError) as e:
+        store.materialize(f"s3://{bucket}/model")
+    assert f"s3://{bucket}/{key[:60]}" in str(e.value) and "refusing to download" in str(e.value)
+    with pytest.raises(UriError):
+        store.fingerprint(f"s3://{bucket}/model")  # the plan refuses it too, before any download
+    written = [p for p in tmp_path.rglob("PWNED.txt")] + [p for p in Path("/").glob("PWNED.txt")]
+    assert written == [] and list(victim.iterdir()) == []
+
+
+def test_s3_prefix_is_a_folder(s3_endpoint: str, tmp_path: Path) -> None:
+    """`s3://b/model` takes `model/...` only, not the objects of a sibling `model-old/...`."""
+    import boto3
+
+    client = boto3.client("s3")
+    client.create_bucket(Bucket="prefixes")
+    client.put_object(Bucket="prefixes", Key="model/config.json", Body=b"{}")
+    client.put_object(Bucket="prefixes", Key="model-old/weights.bin", Body=b"old")
+    local = ModelStore(tmp_path / "artifacts", default_registry()).materialize("s3://prefixes/model")
+    assert sorted(p.name for p in local.iterdir() if p.name != "forgeline-manifest.json") == ["config.json"]

@@ -234,12 +234,25 @@ def test_operators_registered() -> None:
 
 
 def test_endpoint_records_prune_dead(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
     rec = dict(url="u", port=1, pgid=1, repository="r", model="m", triton_url="t", log="l", started_at=0.0)
-    _write_record(tmp_path, EndpointRecord(name="alive", pid=os.getpid(), **rec))  # type: ignore[arg-type]
-    _write_record(tmp_path, EndpointRecord(name="dead", pid=2**22 + 7, **rec))  # type: ignore[arg-type]
-    assert pid_alive(os.getpid()) and not pid_alive(2**22 + 7)
-    assert [r.name for r in list_endpoints(tmp_path)] == ["alive"]
-    assert not (tmp_path / "endpoints" / "dead.json").exists()
+    # A live process with a supervisor's command line (it only sleeps); a record naming any other live
+    # process (this one) is not an endpoint, and neither is a dead pid.
+    argv = ["-c", "import time; time.sleep(60)", "forgeline_operators.deploy.endpoint", "--name", "alive"]
+    supervisor = subprocess.Popen([sys.executable, *argv])
+    try:
+        _write_record(tmp_path, EndpointRecord(name="alive", pid=supervisor.pid, **rec))  # type: ignore[arg-type]
+        _write_record(tmp_path, EndpointRecord(name="other", pid=os.getpid(), **rec))  # type: ignore[arg-type]
+        _write_record(tmp_path, EndpointRecord(name="dead", pid=2**22 + 7, **rec))  # type: ignore[arg-type]
+        assert pid_alive(os.getpid()) and not pid_alive(2**22 + 7)
+        assert [r.name for r in list_endpoints(tmp_path)] == ["alive"]
+        assert not (tmp_path / "endpoints" / "dead.json").exists()
+        assert not (tmp_path / "endpoints" / "other.json").exists()
+    finally:
+        supervisor.kill()
+        supervisor.wait()
 
 
 def test_cli_serving_commands(tmp_path: Path) -> None:

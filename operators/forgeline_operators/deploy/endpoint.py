@@ -9,6 +9,12 @@ SIGTERM/SIGINT, stops the front, then the server, then removes its record.
 trampoline, so it is re-parented away from the caller (a Ray worker's children die with the worker);
 a rerun with the same name replaces the running endpoint. :func:`stop_endpoint` sends SIGTERM, waits,
 then SIGKILLs the whole process group: no orphans.
+
+Records and pid files are only read, written and signalled inside the home they belong to: an endpoint
+name must be one plain file name (:func:`forgeline.artifacts.single_name`), and a recorded process is
+signalled only once its command line (this module, ``--name``, ``--home``) and its start time (from
+``/proc``) show it is that endpoint -- never on a record's or pid file's word alone, since a pid can be
+reused and a record edited.
 """
 
 from __future__ import annotations
@@ -27,8 +33,8 @@ from typing import Any
 
 import httpx
 
-from forgeline.artifacts import pid_alive, write_text_atomic
-from forgeline_operators.deploy.triton import TritonPorts, TritonServer, free_port, kill_group
+from forgeline.artifacts import pid_alive, single_name, write_text_atomic
+from forgeline_operators.deploy.triton import TritonPorts, TritonServer, free_port, group_members, kill_group
 
 __all__ = [
     "EndpointError",
@@ -62,10 +68,14 @@ class EndpointRecord:
     ready: bool = False
     # host:port of Triton's gRPC service: load/reload models there (triton.load_model), not over HTTP.
     triton_grpc: str = ""
+    # The supervisor's start time in clock ticks since boot (/proc/PID/stat field 22): with the pid,
+    # the process's identity (a pid alone can be reused).
+    proc_start: str = ""
 
     @property
     def alive(self) -> bool:
-        return pid_alive(self.pid)
+        """Whether the recorded supervisor is running: its pid, start time and command line agree."""
+        return _is_supervisor(self, None)
 
 
 def endpoints_dir(home: Path) -> Path:
@@ -73,7 +83,61 @@ def endpoints_dir(home: Path) -> Path:
 
 
 def _record_path(home: Path, name: str) -> Path:
+    single_name(name, what="endpoint name")
     return endpoints_dir(home) / f"{name}.json"
+
+
+def _proc_start(pid: int) -> str | None:
+    """Start time of ``pid`` in clock ticks since boot, or None when it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def _arg(argv: list[str], flag: str) -> str | None:
+    return argv[argv.index(flag) + 1] if flag in argv[:-1] else None
+
+
+def _is_supervisor(rec: EndpointRecord, home: Path | None) -> bool:
+    """Whether ``rec.pid`` is the supervisor the record describes (and, given ``home``, of that home)."""
+    if not pid_alive(rec.pid):
+        return False
+    if rec.proc_start and _proc_start(rec.pid) != rec.proc_start:
+        return False  # the pid was reused by a later process
+    argv = _cmdline(rec.pid)
+    if "forgeline_operators.deploy.endpoint" not in argv or _arg(argv, "--name") != rec.name:
+        return False
+    if home is not None:
+        theirs = _arg(argv, "--home")
+        if theirs is None:
+            return False
+        path = Path(theirs)
+        if not path.is_absolute():
+            try:
+                path = Path(os.readlink(f"/proc/{rec.pid}/cwd")) / path
+            except OSError:
+                return False
+        if path.resolve() != home.resolve():
+            return False
+    return True
+
+
+def _group_serves(rec: EndpointRecord) -> bool:
+    """Whether the record's process group still holds its tritonserver or python stubs (their command
+    lines name the record's repository): only then is the group ours to kill."""
+    return any(
+        any(rec.repository in arg for arg in _cmdline(pid))
+        for pid in group_members(rec.pgid)
+        if rec.repository
+    )
 
 
 def _write_record(home: Path, record: EndpointRecord) -> None:
@@ -95,8 +159,8 @@ def list_endpoints(home: Path, prune: bool = True) -> list[EndpointRecord]:
     out = []
     for path in sorted(endpoints_dir(home).glob("*.json")):
         rec = _read_record(path)
-        if rec is None:
-            continue
+        if rec is None or rec.name != path.stem:
+            continue  # unreadable, or a record that names another endpoint than its file: not ours
         if not rec.alive and prune:
             path.unlink(missing_ok=True)
             path.with_suffix(".pid").unlink(missing_ok=True)
@@ -106,12 +170,14 @@ def list_endpoints(home: Path, prune: bool = True) -> list[EndpointRecord]:
 
 
 def stop_endpoint(home: Path, name: str, grace_s: float = 20.0) -> bool:
-    """Stop the endpoint ``name``; False when none was recorded."""
+    """Stop the endpoint ``name`` of ``home``; False when none was recorded."""
     path = _record_path(home, name)
     rec = _read_record(path)
     if rec is None:
         return False
-    _stop_record(rec, grace_s)
+    if rec.name != name:
+        raise EndpointError(f"{path}: records endpoint {rec.name!r}, not {name!r}; left alone")
+    _stop_record(rec, grace_s, home)
     path.unlink(missing_ok=True)
     path.with_suffix(".pid").unlink(missing_ok=True)
     return True
@@ -124,14 +190,16 @@ def stop_all(home: Path) -> list[str]:
     return names
 
 
-def _stop_record(rec: EndpointRecord, grace_s: float) -> None:
-    if pid_alive(rec.pid):
+def _stop_record(rec: EndpointRecord, grace_s: float, home: Path) -> None:
+    if _is_supervisor(rec, home):
         with contextlib.suppress(ProcessLookupError):
             os.kill(rec.pid, signal.SIGTERM)  # graceful: front, then tritonserver, then the record
         deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline and pid_alive(rec.pid):
             time.sleep(0.1)
-    kill_group(rec.pgid, grace_s=2.0)  # whatever the supervisor left behind (python stubs)
+        kill_group(rec.pgid, grace_s=2.0)  # whatever the supervisor left behind (python stubs)
+    elif _group_serves(rec):
+        kill_group(rec.pgid, grace_s=2.0)  # a killed supervisor's tritonserver and stubs
 
 
 def served_model(repository: Path) -> tuple[str, tuple[str, ...]]:
@@ -162,6 +230,7 @@ def start_detached(
 ) -> EndpointRecord:
     """Start (or replace) the endpoint ``name`` detached; returns once it answers ready."""
     served_model(repository)  # fail fast on a wrong directory
+    home = home.resolve()  # the supervisor's --home names it absolutely (its identity check reads it)
     stop_endpoint(home, name)
     port = port or free_port()
     folder = endpoints_dir(home)
@@ -279,6 +348,7 @@ def serve_foreground(
                 triton_grpc=server.grpc_target,
                 log=str(endpoints_dir(home) / f"{name}.log"),
                 started_at=time.time(),
+                proc_start=_proc_start(os.getpid()) or "",
             )
 
             original = front.startup

@@ -25,8 +25,9 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
-import zipfile
 from pathlib import Path
+
+from forgeline.artifacts import extract_zip
 
 __all__ = [
     "STUB_NUMPY",
@@ -64,17 +65,13 @@ def installed_root() -> Path | None:
 
 def _unpack(wheel: Path, dest: Path) -> None:
     py = f"{sys.version_info.major}.{sys.version_info.minor}"
-    with zipfile.ZipFile(wheel) as zf:
-        for info in zf.infolist():
-            if not info.filename.startswith(_PREFIXES) or info.is_dir():
-                continue
-            target = dest / info.filename
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with zf.open(info) as src, target.open("wb") as out:
-                shutil.copyfileobj(src, out)
-            # zip stores unix permissions in the high 16 bits of external_attr
-            mode = (info.external_attr >> 16) & 0o777
-            target.chmod(mode or 0o644)
+    # Every member through the confinement helper: a wheel is outside input too.
+    extract_zip(
+        wheel,
+        dest,
+        select=lambda info: info.filename.startswith(_PREFIXES) and not info.is_dir(),
+        keep_mode=True,
+    )
     server = dest / "pytriton" / "tritonserver"
     stub = server / "python_backend_stubs" / py / "triton_python_backend_stub"
     if not stub.exists():
@@ -137,8 +134,7 @@ def ensure_stub_env(quiet: bool = False) -> Path:
         subprocess.run([base, "-m", "venv", "--without-pip", str(staging)], check=True)
         wheel = _pip_download(STUB_NUMPY, Path(tmp) / "wheel", quiet)
         (stage_site,) = staging.glob("lib/python*/site-packages")
-        with zipfile.ZipFile(wheel) as zf:
-            zf.extractall(stage_site)
+        extract_zip(wheel, stage_site)
         # addsitedir (not a bare path line) so the venv's own .pth files (editable installs) apply too.
         (stage_site / "zz-forgeline-venv.pth").write_text(f"import site; site.addsitedir({str(site)!r})\n")
         (staging / _MARKER).write_text(f"{sys.prefix}\n")

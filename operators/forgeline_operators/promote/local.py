@@ -30,6 +30,7 @@ from typing import Any
 
 import httpx
 
+from forgeline.artifacts import single_name
 from forgeline.spec._models import SchedulerSpec
 from forgeline_operators.deploy.endpoint import (
     EndpointError,
@@ -56,7 +57,7 @@ _KEEP_VERSIONS = 3  # version directories kept on disk (current + recent ones, f
 
 
 def live_dir(home: Path, name: str) -> Path:
-    return endpoints_dir(home) / "live" / name
+    return endpoints_dir(home) / "live" / single_name(name, what="endpoint name")
 
 
 def triton_model_name(endpoint: str) -> str:

@@ -36,6 +36,7 @@ from urllib.parse import unquote, urlparse
 from mlflow.exceptions import MlflowException
 from pydantic import BaseModel, Field
 
+from forgeline.artifacts import single_name
 from forgeline.spec._models import PromoteEndpointSpec, PromotionGates
 from forgeline.tracking import (
     RegisteredVersion,
@@ -118,7 +119,7 @@ def _lock(home: Path, name: str, actor: str) -> Iterator[None]:
     """One promotion per model at a time on this Forgeline home (the endpoints live here too)."""
     folder = home / "locks"
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"promote-{name.replace('/', '_')}.lock"
+    path = folder / f"promote-{single_name(name, what='registered model name')}.lock"
     with open(path, "a+") as f:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from forgeline.api._auth import Principal, require
 from forgeline.api._errors import ERROR_RESPONSES, ApiError, ErrorBody
 from forgeline.api._settings import ApiSettings
+from forgeline.spec import ALIAS_PATTERN, REGISTERED_NAME_PATTERN
 from forgeline.spec._models import PromoteEndpointSpec, PromotionGates
 from forgeline.tracking import Tracker, list_models, list_versions, model_aliases
 from forgeline_operators.promote import service
@@ -25,9 +26,9 @@ router = APIRouter(prefix="/v1", responses=ERROR_RESPONSES)
 
 ModelName = Annotated[
     str,
-    PathParam(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$", description="Registered model name."),
+    PathParam(pattern=REGISTERED_NAME_PATTERN, description="Registered model name."),
 ]
-ALIAS = r"^[A-Za-z][A-Za-z0-9_-]{0,63}$"
+ALIAS = ALIAS_PATTERN
 
 
 class _In(BaseModel):

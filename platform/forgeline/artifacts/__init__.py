@@ -1,8 +1,17 @@
-"""Artifacts: checkpoint manifests (sha256 per file, atomic publish) and model URIs.
+"""Artifacts: checkpoint manifests (sha256 per file, atomic publish), model URIs, and the confinement
+of every file written by a name from outside (object keys, archive members, record names).
 
 A leaf package: it depends on no other forgeline layer except the plain registry of model sources.
 """
 
+from forgeline.artifacts._confine import (
+    PathEscapeError,
+    check_tree,
+    confined,
+    extract_zip,
+    safe_relpath,
+    single_name,
+)
 from forgeline.artifacts._manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -26,19 +35,25 @@ __all__ = [
     "Manifest",
     "ModelStore",
     "ParsedUri",
+    "PathEscapeError",
     "StageRecord",
     "StageStore",
     "UriError",
+    "check_tree",
     "clean_staging",
+    "confined",
     "digest_of",
     "dir_digest",
+    "extract_zip",
     "file_table",
     "new_staging_dir",
     "parse_uri",
     "pid_alive",
     "publish",
     "read_manifest",
+    "safe_relpath",
     "sha256_file",
+    "single_name",
     "verify",
     "write_text_atomic",
 ]

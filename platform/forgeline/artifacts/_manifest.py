@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from forgeline.artifacts._confine import PathEscapeError, confined
+
 MANIFEST_NAME = "forgeline-manifest.json"
 STAGING_PREFIX = ".staging-"
 _CHUNK = 1 << 20
@@ -35,12 +37,19 @@ def sha256_file(path: Path) -> str:
 
 
 def _files(root: Path) -> Iterator[Path]:
+    base = root.resolve()
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         for name in sorted(filenames):
             p = Path(dirpath) / name
             if p.name == MANIFEST_NAME and p.parent == root:
                 continue
+            # A published directory vouches for its bytes: a symlink out of it would let a later
+            # reader (or a copy) take some other file's content under this digest.
+            if p.is_symlink() and not p.resolve().is_relative_to(base):
+                raise PathEscapeError(
+                    f"{root}: {p.relative_to(root).as_posix()!r} is a symlink pointing outside"
+                )
             yield p
 
 
@@ -99,7 +108,11 @@ def verify(root: Path, *, deep: bool = False) -> list[str]:
         return [f"{root}: no readable {MANIFEST_NAME}"]
     problems = []
     for rel, info in m.files.items():
-        p = root / rel
+        try:
+            p = confined(root, rel, what=f"{root}/{MANIFEST_NAME}: entry")
+        except PathEscapeError as e:  # a tampered manifest must not make us stat or read elsewhere
+            problems.append(str(e))
+            continue
         if not p.is_file():
             problems.append(f"{p}: missing")
         elif p.stat().st_size != info["size"]:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from forgeline.artifacts._confine import PathEscapeError, check_tree, confined, safe_relpath
 from forgeline.artifacts._manifest import (
     MANIFEST_NAME,
     dir_digest,
@@ -75,6 +76,8 @@ class ModelStore:
     # Schemes resolved by other layers (the runtime adds ``mlflow``): materialize and fingerprint.
     extra: dict[str, Callable[[ParsedUri], Path]] = field(default_factory=dict)
     extra_fingerprint: dict[str, Callable[[ParsedUri], str]] = field(default_factory=dict)
+    # The Hugging Face cache hf:// reads through (None: the hub's default, HF_HUB_CACHE).
+    hf_cache_dir: Path | None = None
 
     @property
     def models_dir(self) -> Path:
@@ -155,13 +158,26 @@ class ModelStore:
         final = self.models_dir / f"hf-{parsed.target.replace('/', '--')}-{parsed.revision or 'main'}"
         if read_manifest(final) is not None:
             return final
-        staging = new_staging_dir(final)
         try:
-            snapshot_download(repo_id=parsed.target, revision=parsed.revision, local_dir=staging)
+            # Into (or, offline, from) the Hugging Face cache, then copied here file by file.
+            snapshot = Path(
+                snapshot_download(
+                    repo_id=parsed.target, revision=parsed.revision, cache_dir=self.hf_cache_dir
+                )
+            )
         except Exception as e:
             raise UriError(
                 f"cannot download hf://{parsed.target}: {e}. Offline? Pre-download it and use its local path."
             ) from e
+        staging = new_staging_dir(final)
+        try:
+            _copy_snapshot(snapshot, staging, what=f"hf://{parsed.target}: file")
+        except PathEscapeError as e:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise UriError(f"{e}; refusing to use hf://{parsed.target}") from None
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         publish(staging, final, {"uri": f"hf://{parsed.target}", "revision": parsed.revision})
         return final
 
@@ -174,6 +190,8 @@ class ModelStore:
         S3-compatible store such as MinIO).
         """
         bucket, _, prefix = parsed.target.partition("/")
+        # The prefix is a folder: `s3://b/model` must not take `model-old/...` along with it.
+        prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         objects: list[tuple[str, str, int]] = []
         h = hashlib.sha256()
         try:
@@ -181,13 +199,22 @@ class ModelStore:
             for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
                 for obj in page.get("Contents", []):
                     key = obj["Key"]
-                    rel = key[len(prefix) :].lstrip("/") if prefix else key
+                    rel = key[len(prefix) :]
                     if not rel or rel.endswith("/") or rel == MANIFEST_NAME:
                         continue
                     objects.append((rel, key, int(obj["Size"])))
                     h.update(f"{rel}\0{obj['Size']}\0{obj.get('ETag', '')}\n".encode())
         except Exception as e:  # botocore: no credentials, no such bucket, endpoint unreachable
             raise UriError(f"cannot list s3://{parsed.target}: {e}") from e
+        for rel, key, _ in objects:
+            # A listed key becomes a file name: one that would land outside the download directory
+            # (`model/../../x`, an absolute or encoded path) fails the listing, before any download.
+            try:
+                safe_relpath(rel, what=f"s3://{bucket}/{key}: object key")
+            except PathEscapeError as e:
+                raise UriError(
+                    f"{e}; refusing to download s3://{parsed.target} (remove or rename that object)"
+                ) from None
         if not objects:
             raise UriError(f"s3://{parsed.target}: no objects under that prefix")
         return h.hexdigest(), objects
@@ -209,7 +236,7 @@ class ModelStore:
         client = self._s3_client()
         try:
             for rel, key, size in objects:
-                dest = staging / rel
+                dest = confined(staging, rel, what=f"s3://{bucket}/{key}: object key")
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 client.download_file(bucket, key, str(dest))
                 if dest.stat().st_size != size:
@@ -217,8 +244,37 @@ class ModelStore:
         except UriError:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+        except PathEscapeError as e:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise UriError(str(e)) from None
         except Exception as e:
             shutil.rmtree(staging, ignore_errors=True)
             raise UriError(f"cannot download s3://{parsed.target}: {e}") from e
         publish(staging, final, {"uri": f"s3://{parsed.target}", "listing_sha256": digest})
         return final
+
+
+def _copy_snapshot(snapshot: Path, dest: Path, *, what: str) -> None:
+    """Copy a hub-cache snapshot into ``dest``: every file name confined, every file a plain file or a
+    symlink into the repository's own cache folder (``blobs/``); anything else is refused."""
+    repo_root = snapshot.resolve().parent.parent  # <cache>/models--ORG--NAME
+    for dirpath, dirnames, filenames in os.walk(snapshot):
+        for name in [*dirnames, *filenames]:
+            src = Path(dirpath) / name
+            rel = src.relative_to(snapshot).as_posix()
+            real = src.resolve()
+            if not real.is_relative_to(repo_root):
+                raise PathEscapeError(f"{what} {rel!r}: points outside the hub cache ({real})")
+            if src.is_dir():
+                if src.is_symlink():
+                    raise PathEscapeError(f"{what} {rel!r}: a directory symlink")
+                continue
+            if not real.is_file():
+                raise PathEscapeError(f"{what} {rel!r}: not a regular file")
+            target = confined(dest, rel, what=what)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(real, target)  # same filesystem: no second copy of a multi-GB blob
+            except OSError:
+                shutil.copyfile(real, target)
+    check_tree(dest, what=what)

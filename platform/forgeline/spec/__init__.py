@@ -8,7 +8,11 @@ torch, so ``forgeline validate`` is instant.
 from forgeline.spec._errors import Problem, WorkflowError, did_you_mean
 from forgeline.spec._loader import LoadedWorkflow, SourceMap, load_workflow
 from forgeline.spec._models import (
+    ALIAS_PATTERN,
     BASE_MODEL_REF,
+    EXPERIMENT_PATTERN,
+    NAME_PATTERN,
+    REGISTERED_NAME_PATTERN,
     STAGE_CLASSES,
     BuildStage,
     DatasetSpec,
@@ -31,7 +35,11 @@ from forgeline.spec._models import (
 from forgeline.spec._schema import reference_markdown, schema_json
 
 __all__ = [
+    "ALIAS_PATTERN",
     "BASE_MODEL_REF",
+    "EXPERIMENT_PATTERN",
+    "NAME_PATTERN",
+    "REGISTERED_NAME_PATTERN",
     "STAGE_CLASSES",
     "BuildStage",
     "DatasetSpec",

@@ -24,6 +24,7 @@ from forgeline.spec._datasets import validate_dataset
 from forgeline.spec._errors import Problem, WorkflowError, did_you_mean
 from forgeline.spec._models import (
     BASE_MODEL_REF,
+    PATTERN_HELP,
     STAGE_CLASSES,
     DistillStage,
     EvaluateStage,
@@ -246,6 +247,13 @@ def _problems_from_validation(exc: ValidationError, raw: Any, smap: SourceMap, p
             )
             continue
         msg = err["msg"]
+        pattern = str((err.get("ctx") or {}).get("pattern", ""))
+        if etype == "string_pattern_mismatch" and pattern in PATTERN_HELP:
+            shown = repr(inp) if len(repr(inp)) <= 80 else repr(inp)[:77] + "..."
+            msg = f"invalid name {shown}: use {PATTERN_HELP[pattern]}"
+            hint = "names become file names and process identities; no '/', '..' or spaces"
+            problems.append(smap.problem(path, msg, hint))
+            continue
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
         elif etype == "literal_error" and isinstance(inp, str):

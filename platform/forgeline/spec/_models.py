@@ -16,6 +16,20 @@ from pydantic.json_schema import SkipJsonSchema
 
 REF_PATTERN = re.compile(r"^\$\{\s*(?:(model)|stages\.([A-Za-z0-9_-]+)\.outputs\.([A-Za-z0-9_]+))\s*\}$")
 NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,62}$"
+# Names that become file names, locks or process identities (endpoint records, live repositories,
+# promotion locks) or registry keys: one plain path component each, checked here so the CLI, the REST
+# API and the runtime refuse the same names with a located error (never `../other-home/...`).
+REGISTERED_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"
+ALIAS_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]{0,63}$"
+EXPERIMENT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"
+# What each name pattern means, for error messages.
+PATTERN_HELP = {
+    NAME_PATTERN: "lowercase letters, digits, '-' and '_', starting with a letter, at most 63 characters",
+    REGISTERED_NAME_PATTERN: (
+        "letters, digits, '.', '_' and '-', starting with a letter or digit, at most 200 characters"
+    ),
+    ALIAS_PATTERN: "letters, digits, '_' and '-', starting with a letter, at most 64 characters",
+}
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
 BASE_MODEL_REF = "${model}"
 
@@ -73,7 +87,9 @@ class TrackingSpec(StrictModel):
         ),
     )
     experiment: str | None = Field(
-        default=None, description="MLflow experiment name (default: the workflow name)."
+        default=None,
+        description="MLflow experiment name (default: the workflow name).",
+        pattern=EXPERIMENT_PATTERN,
     )
 
 
@@ -663,8 +679,10 @@ class RegisterStage(StageBase):
 
     kind: Literal["register"] = Field(description="Register a model version in the MLflow registry.")
     model: Ref = Field(description="Directory to register (by reference: URI + sha256, never uploaded).")
-    registered_name: str = Field(description="Registered model name.", min_length=1)
-    alias: str | None = Field(default="candidate", description="Alias to point at the new version.")
+    registered_name: str = Field(description="Registered model name.", pattern=REGISTERED_NAME_PATTERN)
+    alias: str | None = Field(
+        default="candidate", description="Alias to point at the new version.", pattern=ALIAS_PATTERN
+    )
     tags: dict[str, str] = Field(default_factory=dict, description="Extra tags on the model version.")
 
     def refs(self) -> dict[str, str]:
@@ -834,7 +852,9 @@ class DeployStage(StageBase):
     kind: Literal["deploy"] = Field(description="Roll out an endpoint serving a model repository.")
     runtime: Literal["triton", "nim"] = Field(default="triton", description="Serving runtime.")
     repository: Ref = Field(description="Model repository (serve stage output) or model to serve (nim).")
-    endpoint_name: str | None = Field(default=None, description="Endpoint name (default: workflow name).")
+    endpoint_name: str | None = Field(
+        default=None, description="Endpoint name (default: workflow name).", pattern=NAME_PATTERN
+    )
     port: int | None = Field(default=None, ge=1, le=65535, description="Local port (local target).")
     rollout: RolloutSpec = Field(default_factory=RolloutSpec, description="How traffic moves over.")
     kubernetes: KubernetesDeploySpec | None = Field(
@@ -928,13 +948,15 @@ class PromoteStage(StageBase):
     value_outputs: ClassVar[frozenset[str]] = frozenset({"version", "endpoint"})
 
     kind: Literal["promote"] = Field(description="Move a registry alias after gates pass.")
-    registered_name: str = Field(description="Registered model name.", min_length=1)
+    registered_name: str = Field(description="Registered model name.", pattern=REGISTERED_NAME_PATTERN)
     version: Ref | None = Field(
         default=None,
         description="Version to promote, e.g. `${stages.register.outputs.version}` (default: `from_alias`).",
     )
-    from_alias: str = Field(default="candidate", description="Alias whose version is promoted.")
-    to_alias: str = Field(default="production", description="Alias to move.")
+    from_alias: str = Field(
+        default="candidate", description="Alias whose version is promoted.", pattern=ALIAS_PATTERN
+    )
+    to_alias: str = Field(default="production", description="Alias to move.", pattern=ALIAS_PATTERN)
     requires: list[str] = Field(
         default_factory=list, description="Stages whose gates must have passed (they become dependencies)."
     )
