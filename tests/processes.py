@@ -8,6 +8,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
+from typing import Any
 
 
 def wait_for(
@@ -36,3 +37,13 @@ def kill_session(sid: int) -> None:
         if s == sid:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def terminate(proc: subprocess.Popen[Any], grace_s: float = 15) -> None:
+    """SIGTERM ``proc``, then SIGKILL it if it has not exited within ``grace_s``; reap it either way."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

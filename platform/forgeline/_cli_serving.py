@@ -111,6 +111,9 @@ def serve(
     h = _home(home)
     endpoint = name or model_uri.rstrip("/").rsplit("/", 1)[-1].split("@")[0].replace(".", "-") or "model"
     try:
+        from forgeline.artifacts import single_name
+
+        single_name(endpoint, what="endpoint name (--name)")  # it names files under the home
         if precision not in ("f32", "bf16"):
             raise ValueError(f"--precision must be f32 or bf16, got {precision!r}")
         repo = _repository_for(model_uri, h, threads, precision)
@@ -181,7 +184,11 @@ def endpoints(
         return
     if not name:
         raise _die("name the endpoint to stop, or pass --all")
-    if not stop_endpoint(h, name):
+    try:
+        found = stop_endpoint(h, name)
+    except ValueError as e:  # a name that is not one plain file name
+        raise _die(str(e)) from None
+    if not found:
         raise _die(f"no endpoint named {name!r}")
     out.print(f"stopped {name}")
 

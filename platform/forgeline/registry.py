@@ -4,8 +4,9 @@ An operator is declared by an :class:`OperatorSpec` — data only (kind, backend
 capabilities, and the dotted path of its ``run(ctx)`` entrypoint), so ``plan`` can check
 capabilities without importing torch. Built-in models (``builtin://NAME``) are declared by a
 :class:`ModelSource`. Both are discovered through entry points (``forgeline.operators`` returning
-a list of specs, ``forgeline.models`` naming a ``ModelSource``), so third-party packages plug in the
-same way the shipped ``forgeline_operators`` do.
+a list of specs, ``forgeline.models`` naming a ``ModelSource``, ``forgeline.model_formats`` naming a
+:class:`ModelFormat` that converts a model file such as ``.gguf``), so third-party packages plug in
+the same way the shipped ``forgeline_operators`` do.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 __all__ = [
     "Capabilities",
+    "ModelFormat",
     "ModelSource",
     "OperatorRegistry",
     "OperatorSpec",
@@ -90,16 +92,43 @@ class ModelSource:
     description: str = ""
 
 
-class OperatorRegistry:
-    """Operators by (kind, backend) and model sources by name."""
+@dataclass(frozen=True)
+class ModelFormat:
+    """A model file format other than an HF directory (``.gguf``): a model URI naming such a file is
+    converted once into a verified HF checkpoint in the store."""
 
-    def __init__(self, operators: Iterable[OperatorSpec] = (), models: Iterable[ModelSource] = ()) -> None:
+    name: str
+    suffixes: tuple[str, ...]  # lowercase, with the dot: (".gguf",)
+    version: str  # of the converter: part of the converted model's fingerprint
+    convert: Callable[[Path, Path], None]  # (file, empty destination directory) -> HF checkpoint
+
+
+class OperatorRegistry:
+    """Operators by (kind, backend), model sources by name, model file formats by suffix."""
+
+    def __init__(
+        self,
+        operators: Iterable[OperatorSpec] = (),
+        models: Iterable[ModelSource] = (),
+        formats: Iterable[ModelFormat] = (),
+    ) -> None:
         self._ops: dict[tuple[str, str | None], OperatorSpec] = {}
         self._models: dict[str, ModelSource] = {}
+        self._formats: dict[str, ModelFormat] = {}
         for op in operators:
             self.add_operator(op)
         for m in models:
             self.add_model(m)
+        for f in formats:
+            self.add_format(f)
+
+    def add_format(self, fmt: ModelFormat) -> None:
+        for suffix in fmt.suffixes:
+            self._formats[suffix.lower()] = fmt
+
+    def format_for(self, path: str | Path) -> ModelFormat | None:
+        """The format converting a file named like ``path`` (by suffix), if one is registered."""
+        return self._formats.get(Path(path).suffix.lower())
 
     def add_operator(self, op: OperatorSpec) -> None:
         self._ops[(op.kind, op.backend)] = op
@@ -120,6 +149,9 @@ class OperatorRegistry:
     def models(self) -> list[ModelSource]:
         return list(self._models.values())
 
+    def format_suffixes(self) -> list[str]:
+        return sorted(self._formats)
+
 
 _default: OperatorRegistry | None = None
 
@@ -134,5 +166,7 @@ def default_registry() -> OperatorRegistry:
                 reg.add_operator(op)
         for ep in entry_points(group="forgeline.models"):
             reg.add_model(ep.load())
+        for ep in entry_points(group="forgeline.model_formats"):
+            reg.add_format(ep.load())
         _default = reg
     return _default

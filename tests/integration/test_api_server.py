@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from forgeline.api import create_token
+from processes import terminate
 
 pytestmark = pytest.mark.integration
 
@@ -101,12 +102,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, mlflow_template: Path) -> I
         with httpx.Client(base_url=base, timeout=90) as client:
             yield {"client": client, "home": home, "submit": submit, "reader": reader}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc)
         log.close()
 
 

@@ -25,6 +25,7 @@ from forgeline_operators.deploy.endpoint import EndpointRecord, _is_supervisor, 
 from forgeline_operators.models.tiny_llama import SOURCE
 from forgeline_operators.serve.export import export_openvino
 from forgeline_operators.serve.repository import OpenvinoModelSpec, build_openvino_repository
+from processes import terminate
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -79,12 +80,7 @@ def api(tmp_path_factory: pytest.TempPathFactory, mlflow_template: Path) -> Iter
         with httpx.Client(base_url=base, timeout=60) as client:
             yield {"client": client, "home": home, "token": submit}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc)
         log.close()
 
 

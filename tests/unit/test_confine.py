@@ -285,3 +285,19 @@ def test_a_record_naming_another_endpoint_is_ignored(tmp_path: Path) -> None:
 
     _record(tmp_path, "../../x", os.getpid(), file_name="x")
     assert list_endpoints(tmp_path, prune=False) == []
+
+
+def test_cli_refuses_endpoint_names_that_leave_the_home(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from forgeline.cli import app
+
+    runner = CliRunner()
+    for args in (
+        ["endpoints", "stop", "../../other/endpoints/victim", "--home", str(tmp_path)],
+        ["serve", "builtin://tiny-llama", "--name", "../victim", "--home", str(tmp_path)],
+    ):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 1, result.output
+        assert "must be 1-200 letters" in result.stderr and "Traceback" not in result.output
+    assert list(tmp_path.iterdir()) == []  # refused before anything was built or written

@@ -1,11 +1,14 @@
 """Model URIs: parse, fingerprint (for cache keys) and materialize to a local directory.
 
-Schemes: a local path or ``file://``; ``builtin://NAME`` (a registered ``ModelSource``, written into
-the store once per fingerprint); ``hf://ORG/NAME[@REVISION]`` (``huggingface_hub.snapshot_download``);
-``s3://BUCKET/PREFIX`` (boto3; fingerprinted by a digest of the object listing, so a changed object
-changes the cache keys without a download). ``mlflow://`` is resolved by the runtime, which owns
-tracking, through the ``extra`` resolvers hook. Remote downloads land in the store's ``models/``
-cache, published atomically, so a second use is a directory lookup.
+Schemes: a local path or ``file://`` (a directory, or a model file such as ``.gguf`` that a
+registered :class:`~forgeline.registry.ModelFormat` converts once into a verified HF checkpoint);
+``builtin://NAME`` (a registered ``ModelSource``, written into the store once per fingerprint);
+``hf://ORG/NAME[@REVISION]`` (``huggingface_hub.snapshot_download`` into the hub's cache, then copied
+file by file through the confinement checks); ``hf://ORG/NAME/FILE.gguf[@REVISION]`` (that one file,
+converted); ``s3://BUCKET/PREFIX`` (boto3; fingerprinted by a digest of the object listing, so a
+changed object changes the cache keys without a download). ``mlflow://`` is resolved by the runtime,
+which owns tracking, through the ``extra`` resolvers hook. Remote downloads land in the store's
+``models/`` cache, published atomically, so a second use is a directory lookup.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from forgeline.artifacts._manifest import (
     new_staging_dir,
     publish,
     read_manifest,
+    sha256_file,
 )
 from forgeline.registry import ModelSource, OperatorRegistry
 
@@ -55,8 +59,10 @@ def parse_uri(uri: str, base_dir: Path | None = None) -> ParsedUri:
         return ParsedUri("builtin", rest.strip("/"))
     if scheme == "hf":
         repo, _, rev = rest.partition("@")
-        if repo.count("/") != 1:
-            raise UriError(f"{uri!r}: expected hf://ORG/NAME[@REVISION]")
+        if repo.count("/") < 1 or not all(repo.split("/")):
+            raise UriError(
+                f"{uri!r}: expected hf://ORG/NAME[@REVISION] or hf://ORG/NAME/FILE.gguf[@REVISION]"
+            )
         return ParsedUri("hf", repo, rev or None)
     if scheme == "s3":
         if not rest or rest.startswith("/"):
@@ -91,7 +97,11 @@ class ModelStore:
         if parsed.scheme == "builtin":
             return f"builtin:{parsed.target}:{self._builtin(parsed.target).fingerprint()}"
         if parsed.scheme == "local":
-            return f"local:{self._local_digest(Path(parsed.target))}"
+            path = Path(parsed.target)
+            fmt = self.registry.format_for(path) if path.is_file() else None
+            if fmt is not None:
+                return f"{fmt.name}:{fmt.version}:{self._local_digest(path)}"
+            return f"local:{self._local_digest(path)}"
         if parsed.scheme == "hf":
             # Unpinned revisions move; the plan reports that the cache cannot see such changes.
             return f"hf:{parsed.target}@{parsed.revision or 'main'}"
@@ -107,6 +117,8 @@ class ModelStore:
             p = Path(parsed.target)
             if not p.exists():
                 raise UriError(f"model path does not exist: {p}")
+            if p.is_file():
+                return self._converted(p, uri)
             return p
         if parsed.scheme == "builtin":
             source = self._builtin(parsed.target)
@@ -137,6 +149,9 @@ class ModelStore:
             return m.digest
         # Hashing a multi-GB checkpoint on every plan is slow: remember it by (size, mtime) per file.
         stat_key = hashlib.sha256()
+        if path.is_file():  # a model file (.gguf): its own bytes
+            st = path.stat()
+            stat_key.update(f"file:{path.resolve()}:{st.st_size}:{st.st_mtime_ns}\n".encode())
         for dirpath, dirnames, filenames in os.walk(path):
             dirnames.sort()
             for name in sorted(filenames):
@@ -147,14 +162,55 @@ class ModelStore:
             return str(json.loads(memo.read_text())["digest"])
         except (OSError, ValueError, KeyError):
             pass
-        digest = dir_digest(path)
+        digest = sha256_file(path) if path.is_file() else dir_digest(path)
         memo.parent.mkdir(parents=True, exist_ok=True)
         memo.write_text(json.dumps({"path": str(path), "digest": digest}))
         return digest
 
+    def _converted(self, path: Path, uri: str) -> Path:
+        """The HF checkpoint converted (once, published) from a model file such as a ``.gguf``."""
+        fmt = self.registry.format_for(path)
+        if fmt is None:
+            raise UriError(
+                f"{path} is a file, not a model directory; model files Forgeline converts: "
+                f"{', '.join(self.registry.format_suffixes()) or 'none installed'}"
+            )
+        digest = self._local_digest(path)
+        final = self.models_dir / f"{fmt.name}-{path.stem[:60]}-{fmt.version}-{digest[:16]}"
+        if read_manifest(final) is None:
+            staging = new_staging_dir(final)
+            try:
+                fmt.convert(path, staging)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            publish(staging, final, {"uri": uri, "format": fmt.name, "source_sha256": digest})
+        return final
+
+    def _hf_file(self, parsed: ParsedUri) -> Path:
+        """``hf://ORG/NAME/PATH.gguf``: that one file from the hub (through its cache), converted."""
+        from huggingface_hub import hf_hub_download
+
+        org, name, file = parsed.target.split("/", 2)
+        try:
+            safe_relpath(file, what=f"hf://{parsed.target}: file")
+        except PathEscapeError as e:
+            raise UriError(str(e)) from None
+        try:
+            local = hf_hub_download(
+                repo_id=f"{org}/{name}", filename=file, revision=parsed.revision, cache_dir=self.hf_cache_dir
+            )
+        except Exception as e:
+            raise UriError(
+                f"cannot download hf://{parsed.target}: {e}. Offline? Pre-download it and use its local path."
+            ) from e
+        return self._converted(Path(local), f"hf://{parsed.target}")
+
     def _hf(self, parsed: ParsedUri) -> Path:
         from huggingface_hub import snapshot_download
 
+        if parsed.target.count("/") > 1:
+            return self._hf_file(parsed)
         final = self.models_dir / f"hf-{parsed.target.replace('/', '--')}-{parsed.revision or 'main'}"
         if read_manifest(final) is not None:
             return final
