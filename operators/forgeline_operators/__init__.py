@@ -16,7 +16,7 @@ def operator_specs() -> list[OperatorSpec]:
         OperatorSpec(
             kind="evaluate",
             entrypoint="forgeline_operators.evaluate.operator:run",
-            version="1",
+            version="2",  # 2: chat-template rendering of prompt/completion rows; paired intervals
             capabilities=Capabilities(cpu=True, gpu=True),
             description="Perplexity, token accuracy and exact match with transformers; gates.",
         ),
@@ -24,7 +24,7 @@ def operator_specs() -> list[OperatorSpec]:
             kind="finetune",
             backend="hf",
             entrypoint="forgeline_operators.finetune.operator:run",
-            version="1",
+            version="2",  # 2: chat-template rendering of prompt/completion and preference rows
             capabilities=Capabilities(
                 cpu=True,
                 gpu=True,
@@ -39,7 +39,7 @@ def operator_specs() -> list[OperatorSpec]:
             kind="finetune",
             backend="megatron",
             entrypoint="forgeline_operators.finetune.megatron.operator:run",
-            version="1",
+            version="2",  # 2: chat-template rendering (data.py)
             capabilities=Capabilities(
                 cpu=True,
                 gpu=True,
@@ -71,21 +71,21 @@ def operator_specs() -> list[OperatorSpec]:
         OperatorSpec(
             kind="quantize",
             entrypoint="forgeline_operators.quantize.operator:run",
-            version="1",
+            version="2",  # 2: calibration/gate rows in the dataset's rendering
             capabilities=Capabilities(cpu=True, gpu=True, gpu_only_options=frozenset({"nvfp4"})),
             description="ModelOpt PTQ (HF + TRT-LLM checkpoints) or NNCF OpenVINO weight compression; gated.",
         ),
         OperatorSpec(
             kind="distill",
             entrypoint="forgeline_operators.quantize.distill:run",
-            version="1",
+            version="2",  # 2: chat-template rendering (data.py)
             capabilities=Capabilities(cpu=True, gpu=False),
             description="Distillation: KL on T-scaled teacher logits (+ hard labels) into a student.",
         ),
         OperatorSpec(
             kind="prune",
             entrypoint="forgeline_operators.quantize.prune:run",
-            version="1",
+            version="2",  # 2: calibration rows in the dataset's rendering
             capabilities=Capabilities(cpu=True, gpu=False),
             description="Structured pruning (MLP width, GQA-consistent heads, depth) by activation score.",
         ),

@@ -1,21 +1,30 @@
 """Turning dataset rows into token ids and loss labels, shared by every operator that scores or trains.
 
-This module owns the one answer to "which tokens does the model learn or get graded on": prompt tokens
-are labelled ``IGNORE_INDEX`` so loss and accuracy cover completion tokens only (every token for the
-``text`` format), chat rows use the tokenizer's chat template when it has one and are graded on the
-assistant turns only, and ``max_seq_len`` truncation is counted and returned, never silent. Evaluation
-and fine-tuning share it so a fine-tune is measured on exactly the tokens it was trained on. It also
-holds the batching helpers: right padding for scoring/training, left padding for generation.
+This module owns the one answer to "which tokens does the model learn or get graded on", and so the
+one rendering of a conversation: finetune (hf and megatron, SFT and DPO), evaluate, quantize/prune
+calibration all build their ids here, and the serving front renders chat requests with the same chat
+template, so training, evaluation and the endpoint see the same prompt ids. Prompt tokens are labelled
+``IGNORE_INDEX`` so loss and accuracy cover completion tokens only (every token for the ``text``
+format), and ``max_seq_len`` truncation is counted and returned, never silent. It also holds the
+batching helpers: right padding for scoring/training, left padding for generation.
 
-The plain join, used when a tokenizer has no chat template, is::
+A dataset's ``rendering`` decides how sft and preference rows become text:
+
+* ``chat_template`` (what ``auto`` picks when the tokenizer has a chat template, as every
+  instruction-tuned model does): a ``{prompt, completion}`` row is the conversation ``[user: prompt,
+  assistant: completion]`` (trl's conversational prompt-completion form), rendered with the model's
+  template like a ``messages`` row; the graded part is each assistant turn as the template writes it,
+  end-of-turn token included, so the model learns to stop where the endpoint expects it to.
+* ``raw`` (``auto`` without a template): the plain join::
 
     [sequence prefix, e.g. BOS] prompt completion [EOS]
 
-The prompt and completion are concatenated verbatim with no separator (the dataset owns its
-whitespace, e.g. ``"Q: 2+2?\\nA:"`` + ``" 4"``), each tokenised on its own so the prompt/completion
-boundary is a token boundary and the graded prompt is exactly what generation starts from. A chat row
-without a template is joined as ``"{role}: {content}\\n"`` per message, each assistant turn being
-``"assistant: "`` (prompt) + ``content`` + EOS (graded). The EOS is graded so the model learns to stop.
+  The prompt and completion are concatenated verbatim with no separator (the dataset owns its
+  whitespace, e.g. ``"Q: 2+2?\\nA:"`` + ``" 4"``), each tokenised on its own so the prompt/completion
+  boundary is a token boundary and the graded prompt is exactly what generation starts from. A chat
+  row is joined as ``"{role}: {content}\\n"`` per message, each assistant turn being
+  ``"assistant: "`` (prompt) + ``content`` + EOS (graded). The EOS is graded so the model learns to
+  stop. This is the form for base models served through ``/v1/completions`` with raw prompts.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ import torch
 
 __all__ = [
     "IGNORE_INDEX",
+    "RENDERINGS",
     "Example",
     "TokenizedRows",
     "collate",
@@ -37,10 +47,12 @@ __all__ = [
     "left_pad",
     "pad_token_id",
     "reference_text",
+    "resolve_rendering",
     "sequence_prefix",
 ]
 
 IGNORE_INDEX = -100  # the label transformers' causal-LM loss (and ours) skips
+RENDERINGS = ("auto", "chat_template", "raw")
 
 Segment = tuple[list[int], bool]  # token ids, graded?
 
@@ -141,16 +153,40 @@ def _plain_chat_segments(tokenizer: Any, messages: Sequence[Mapping[str, str]]) 
     return segments
 
 
-def _segments(tokenizer: Any, row: Mapping[str, Any], fmt: str) -> list[Segment]:
+def resolve_rendering(tokenizer: Any, rendering: str = "auto") -> str:
+    """``chat_template`` or ``raw``: what ``rendering`` means for this tokenizer (``auto`` decides)."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if rendering == "text":  # a text dataset: no conversation to render
+        return rendering
+    if rendering == "auto":
+        return "chat_template" if has_template else "raw"
+    if rendering == "chat_template" and not has_template:
+        raise ValueError(
+            "rendering: chat_template, but the model's tokenizer has no chat template "
+            "(set the dataset's rendering to raw or auto)"
+        )
+    if rendering not in RENDERINGS:
+        raise ValueError(f"unknown rendering {rendering!r}: use one of {', '.join(RENDERINGS)}")
+    return rendering
+
+
+def _conversation(prompt: str, completion: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+
+
+def _segments(tokenizer: Any, row: Mapping[str, Any], fmt: str, rendering: str) -> list[Segment]:
     if fmt == "text":
         return [([*sequence_prefix(tokenizer), *_encode(tokenizer, row["text"]), _eos(tokenizer)], True)]
+    chat = resolve_rendering(tokenizer, rendering) == "chat_template"
     if fmt == "sft" and "messages" in row:
-        if getattr(tokenizer, "chat_template", None):
+        if chat:
             return _chat_segments(tokenizer, row["messages"])
         return _plain_chat_segments(tokenizer, row["messages"])
     if fmt in ("sft", "preference"):
         # A preference row is scored on its chosen answer: that is the completion it endorses.
         completion = row["completion"] if fmt == "sft" else row["chosen"]
+        if chat:
+            return _chat_segments(tokenizer, _conversation(row["prompt"], completion))
         return [
             (sequence_prefix(tokenizer) + _encode(tokenizer, row["prompt"]), False),
             ([*_encode(tokenizer, completion), _eos(tokenizer)], True),
@@ -158,11 +194,13 @@ def _segments(tokenizer: Any, row: Mapping[str, Any], fmt: str) -> list[Segment]
     raise ValueError(f"unknown dataset format {fmt!r}")
 
 
-def encode_row(tokenizer: Any, row: Mapping[str, Any], fmt: str, max_seq_len: int) -> Example:
+def encode_row(
+    tokenizer: Any, row: Mapping[str, Any], fmt: str, max_seq_len: int, rendering: str = "auto"
+) -> Example:
     """Token ids and labels of one validated row, cut to ``max_seq_len`` tokens (keeping the start)."""
     input_ids: list[int] = []
     labels: list[int] = []
-    for ids, graded in _segments(tokenizer, row, fmt):
+    for ids, graded in _segments(tokenizer, row, fmt, rendering):
         input_ids += ids
         labels += ids if graded else [IGNORE_INDEX] * len(ids)
     truncated = len(input_ids) > max_seq_len
@@ -170,19 +208,24 @@ def encode_row(tokenizer: Any, row: Mapping[str, Any], fmt: str, max_seq_len: in
 
 
 def encode_rows(
-    tokenizer: Any, rows: Sequence[Mapping[str, Any]], fmt: str, max_seq_len: int
+    tokenizer: Any,
+    rows: Sequence[Mapping[str, Any]],
+    fmt: str,
+    max_seq_len: int,
+    rendering: str = "auto",
 ) -> TokenizedRows:
-    examples = [encode_row(tokenizer, row, fmt, max_seq_len) for row in rows]
+    examples = [encode_row(tokenizer, row, fmt, max_seq_len, rendering) for row in rows]
     return TokenizedRows(examples, sum(example.truncated for example in examples))
 
 
-def generation_prompt(tokenizer: Any, row: Mapping[str, Any]) -> list[int]:
+def generation_prompt(tokenizer: Any, row: Mapping[str, Any], rendering: str = "auto") -> list[int]:
     """The ids an sft row's final completion is generated from: everything before its last graded turn.
 
     Built from the same segments as :func:`encode_row`, so the prompt tokens are identical to those
-    the completion is scored after.
+    the completion is scored after; under ``chat_template`` they are the template's rendering with a
+    generation prompt, which is what the serving front sends the engine for the same messages.
     """
-    segments = _segments(tokenizer, row, "sft")
+    segments = _segments(tokenizer, row, "sft", rendering)
     last = max(i for i, (_, graded) in enumerate(segments) if graded)
     return [token for ids, _ in segments[:last] for token in ids]
 

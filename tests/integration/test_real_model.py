@@ -92,14 +92,19 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def endpoint(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def ir(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from forgeline_operators.serve.export import export_openvino
+
+    return Path(export_openvino(smollm2, tmp_path_factory.mktemp("smollm2-ir") / "ir"))
+
+
+@pytest.fixture(scope="module")
+def endpoint(ir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     from forgeline.spec._models import SchedulerSpec
     from forgeline_operators.deploy.endpoint import start_detached, stop_endpoint
-    from forgeline_operators.serve.export import export_openvino
     from forgeline_operators.serve.repository import OpenvinoModelSpec, build_openvino_repository
 
     work = tmp_path_factory.mktemp("smollm2-serve")
-    ir = export_openvino(smollm2, work / "ir")
     repo = build_openvino_repository(
         work / "repo", ir, OpenvinoModelSpec(name="smollm2", scheduler=SchedulerSpec(max_num_seqs=16))
     )
@@ -164,3 +169,45 @@ def test_openai_client_chat_on_the_real_model(endpoint: str) -> None:
     answer = r.choices[0].message.content or ""
     print(f"chat through the endpoint: {answer!r} ({r.choices[0].finish_reason})")
     assert "Paris" in answer and r.choices[0].finish_reason == "stop"
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_training_evaluation_and_endpoint_prompts_are_the_same_ids(
+    smollm2: Path, ir: Path, endpoint: str
+) -> None:
+    """One rendering everywhere: for the same conversation, the prompt ids fine-tuning (SFT and DPO)
+    learns after, the ids evaluation generates from, and the ids the endpoint's engine receives for a
+    chat request are equal; the graded part ends with the template's end-of-turn token."""
+    import openvino_genai as ov_genai
+    from transformers import AutoTokenizer
+
+    from forgeline_operators.data import IGNORE_INDEX, generation_prompt
+    from forgeline_operators.finetune import dpo, sft
+
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    rows = [
+        json.loads(line) for line in (ROOT / "workflows/data/held_out.jsonl").read_text().splitlines()[:5]
+    ]
+    prefs = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": "no"} for r in rows]
+    trained = sft.features(tok, rows, [], "sft", 512).train
+    paired = dpo.features(tok, prefs, [], 512).train
+    engine_tok = ov_genai.Tokenizer(str(ir))  # what the Triton stub renders chat requests with
+    with httpx.Client(base_url=endpoint, timeout=300) as client:
+        for row, train, pair in zip(rows, trained, paired, strict=True):
+            messages = [{"role": "user", "content": row["prompt"]}]
+            start = next(i for i, label in enumerate(train["labels"]) if label != IGNORE_INDEX)
+            train_prompt = train["input_ids"][:start]
+            eval_prompt = generation_prompt(tok, row)
+            rendered = engine_tok.apply_chat_template(messages, add_generation_prompt=True)
+            engine_prompt = list(engine_tok.encode(rendered, add_special_tokens=False).input_ids.data[0])
+            assert train_prompt == eval_prompt == engine_prompt == pair["prompt_ids"], row
+            graded = tok.decode(train["input_ids"][start:])
+            assert graded == row["completion"] + "<|im_end|>\n", graded  # it learns to stop
+            r = client.post(
+                "/v1/chat/completions",
+                json={"model": "smollm2", "messages": messages, "max_tokens": 1, "temperature": 0},
+            )
+            assert r.status_code == 200, r.text
+            assert r.json()["usage"]["prompt_tokens"] == len(eval_prompt)

@@ -121,6 +121,9 @@ def _ctx(
         min_exact_match=None,
         max_regression_vs=None,
         max_regression=0.0,
+        min_improvement=None,
+        confidence=0.95,
+        bootstrap_samples=1000,
         baseline_ref=None,
     )
     for key in list(fields):
@@ -251,7 +254,8 @@ def test_worse_model_fails_regression_gate(assets: SimpleNamespace, tmp_path: Pa
     assert m["perplexity"] > m["baseline_perplexity"] * 1.02
     assert "gate max_regression_vs=tune failed: perplexity" in message
     assert f"{m['perplexity']:.3f}" in message and f"{m['baseline_perplexity']:.3f}" in message
-    assert "(allowed 2.00%)" in message
+    assert "(allowed 2.00% at the interval's worst end)" in message
+    assert "95% interval of the regression [" in message
     # Metrics and report exist even though the gate failed.
     assert isinstance(ctx.sink, MemorySink) and ctx.sink.last("perplexity") == m["perplexity"]
     summary = json.loads((tmp_path / "out" / "report" / "metrics.json").read_text())

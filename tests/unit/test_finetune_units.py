@@ -126,7 +126,9 @@ def test_dpo_features_share_the_prompt_and_match_the_sft_tokens(tokenizer: Any) 
     assert chosen.labels[: len(f["prompt_ids"])] == [IGNORE_INDEX] * len(f["prompt_ids"])
     rejected = encode_row(tokenizer, {"prompt": row["prompt"], "completion": row["rejected"]}, "sft", 64)
     assert f["prompt_ids"] + f["rejected_ids"] == rejected.input_ids
-    assert f["chosen_ids"][-1] == f["rejected_ids"][-1] == tokenizer.eos_token_id
+    # tiny-llama has a chat template: each answer is an assistant turn ending "</s>\n" (graded: it stops).
+    assert f["chosen_ids"][-2:] == f["rejected_ids"][-2:] == chosen.input_ids[-2:]
+    assert tokenizer.eos_token_id in f["chosen_ids"][-2:]
 
 
 # --------------------------------------------------------------------------------------------- plan

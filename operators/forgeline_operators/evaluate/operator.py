@@ -1,10 +1,13 @@
 """``run(ctx)`` of the evaluate stage: metrics of a model (and optionally its baseline) plus gates.
 
-Rows are tokenised once with the evaluated model's tokenizer and scored by each model in turn, so a
-baseline comparison is made on identical tokens. Scoring is a right-padded teacher-forced pass in fp32
-(``loss``, ``perplexity``, ``token_accuracy`` over graded tokens); ``exact_match`` is greedy generation
-from each sft row's prompt. Metrics are logged and the report written before gates are checked, so a
-failed gate still leaves its numbers in the tracking run.
+Rows are tokenised once with the evaluated model's tokenizer, in the dataset's rendering (the model's
+chat template for instruction-tuned models, as training and the endpoint render them), and scored by
+each model in turn, so a baseline comparison is made on identical tokens. Scoring is a right-padded
+teacher-forced pass in fp32 (``loss``, ``perplexity``, ``token_accuracy`` over graded tokens);
+``exact_match`` is greedy generation from each sft row's prompt. A comparison is paired: the same
+bootstrap resamples of the rows for both models (:mod:`.intervals`), and a regression gate holds only
+at the interval's worst end. Metrics are logged and the report written before gates are checked, so
+a failed gate still leaves its numbers in the tracking run.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -30,11 +34,11 @@ from forgeline_operators.data import (
     left_pad,
     pad_token_id,
     reference_text,
+    resolve_rendering,
 )
+from forgeline_operators.evaluate.intervals import Interval, RowStats, paired_bootstrap
 
 __all__ = ["Scores", "run", "score_examples"]
-
-_HIGHER_IS_BETTER = ("token_accuracy", "exact_match")
 
 
 @dataclass
@@ -46,8 +50,21 @@ class Scores:
     correct: int = 0
     row_nll: list[float] = field(default_factory=list)
     row_tokens: list[int] = field(default_factory=list)
+    row_correct: list[int] = field(default_factory=list)
     predictions: list[str] | None = None
-    exact: int = 0
+    row_exact: list[bool] = field(default_factory=list)
+
+    @property
+    def exact(self) -> int:
+        return sum(self.row_exact)
+
+    def rows(self) -> RowStats:
+        return RowStats(
+            nll=np.asarray(self.row_nll, dtype=float),
+            tokens=np.asarray(self.row_tokens, dtype=float),
+            correct=np.asarray(self.row_correct, dtype=float),
+            exact=np.asarray(self.row_exact, dtype=float) if self.predictions is not None else None,
+        )
 
     @property
     def loss(self) -> float:
@@ -95,6 +112,7 @@ def score_examples(model: Any, examples: Sequence[Example], batch_size: int, pad
         row_tokens = graded.sum(dim=1)
         scores.row_nll += row_nll.tolist()
         scores.row_tokens += row_tokens.tolist()
+        scores.row_correct += correct.sum(dim=1).tolist()
         scores.nll += float(row_nll.sum())
         scores.tokens += int(row_tokens.sum())
         scores.correct += int(correct.sum())
@@ -136,9 +154,9 @@ def _evaluate(
         scores = score_examples(model, examples, stage.batch_size, pad_token_id(tokenizer))
         if prompts is not None:
             scores.predictions = _generate(model, tokenizer, prompts, stage.batch_size, stage.max_new_tokens)
-            scores.exact = sum(
+            scores.row_exact = [
                 p.strip() == r.strip() for p, r in zip(scores.predictions, references, strict=True)
-            )
+            ]
     return scores
 
 
@@ -153,21 +171,47 @@ def _measured(stage: Any) -> list[str]:
     ):
         if threshold is not None and metric not in wanted:
             wanted.append(metric)
+    wanted += [metric for metric in gates.min_improvement or {} if metric not in wanted]
     return wanted
-
-
-def _regression(metric: str, value: float, base: float) -> float:
-    """Relative change for the worse (negative when better); 0 when the baseline is 0 accuracy."""
-    if metric in _HIGHER_IS_BETTER:
-        return (base - value) / base if base > 0 else 0.0
-    return (value - base) / base
 
 
 def _fmt(metric: str, value: float) -> str:
     return f"{value:.3f}" if metric == "perplexity" else f"{value:.4f}"
 
 
-def _gate_failures(stage: Any, metrics: Mapping[str, float], measured: Sequence[str]) -> list[str]:
+def _ci(low: float, high: float, pct: bool = False) -> str:
+    return f"[{low:+.2%}, {high:+.2%}]" if pct else f"[{low:+.4f}, {high:+.4f}]"
+
+
+def _comparison_failures(stage: Any, intervals: Mapping[str, Interval]) -> list[str]:
+    gates = stage.gates
+    vs = gates.max_regression_vs
+    level = f"{gates.confidence:.0%}"
+    failures: list[str] = []
+    regressions = [
+        f"{m} {_fmt(m, i.value)} vs {vs} {_fmt(m, i.baseline)}: {i.regression:.2%} worse, "
+        f"{level} interval of the regression {_ci(i.regression_low, i.regression_high, pct=True)}"
+        for m, i in intervals.items()
+        # A hair of slack so float noise in an identical model never fails a 0.0 tolerance.
+        if i.regression_high > gates.max_regression + 1e-12
+    ]
+    if regressions:
+        failures.append(
+            f"gate max_regression_vs={vs} failed: {'; '.join(regressions)} "
+            f"(allowed {gates.max_regression:.2%} at the interval's worst end)"
+        )
+    for metric, floor in (gates.min_improvement or {}).items():
+        i = intervals[metric]
+        if not i.delta_low > floor:
+            failures.append(
+                f"gate min_improvement.{metric}={floor:g} failed: {metric} {_fmt(metric, i.value)} vs "
+                f"{vs} {_fmt(metric, i.baseline)}, improvement {i.delta:+.4f}, {level} interval "
+                f"{_ci(i.delta_low, i.delta_high)} does not lie above {floor:g}"
+            )
+    return failures
+
+
+def _gate_failures(stage: Any, metrics: Mapping[str, float], intervals: Mapping[str, Interval]) -> list[str]:
     gates = stage.gates
     failures: list[str] = []
     if gates.max_perplexity is not None and metrics["perplexity"] > gates.max_perplexity:
@@ -185,19 +229,7 @@ def _gate_failures(stage: Any, metrics: Mapping[str, float], measured: Sequence[
                 f"{metric} {_fmt(metric, metrics[metric])} is below {threshold:g}"
             )
     if gates.max_regression_vs is not None:
-        vs = gates.max_regression_vs
-        regressions = [
-            f"{metric} {_fmt(metric, metrics[metric])} is {metrics[f'{metric}_regression']:.2%} worse than "
-            f"{vs} {_fmt(metric, metrics[f'baseline_{metric}'])}"
-            for metric in measured
-            # A hair of slack so float noise in an identical model never fails a 0.0 tolerance.
-            if metrics[f"{metric}_regression"] > gates.max_regression + 1e-12
-        ]
-        if regressions:
-            failures.append(
-                f"gate max_regression_vs={vs} failed: {', '.join(regressions)} "
-                f"(allowed {gates.max_regression:.2%})"
-            )
+        failures += _comparison_failures(stage, intervals)
     return failures
 
 
@@ -219,6 +251,7 @@ def _samples(
     references: Sequence[str],
     scores: Scores,
     truncated: list[bool],
+    baseline: Scores | None,
 ) -> list[dict[str, Any]]:
     samples = []
     for i, row in enumerate(rows):
@@ -238,7 +271,14 @@ def _samples(
         }
         if scores.predictions is not None:
             sample["prediction"] = scores.predictions[i]
-            sample["exact_match"] = scores.predictions[i].strip() == references[i].strip()
+            sample["exact_match"] = scores.row_exact[i]
+        if baseline is not None:
+            sample["baseline_loss"] = (
+                baseline.row_nll[i] / baseline.row_tokens[i] if baseline.row_tokens[i] else None
+            )
+            if baseline.predictions is not None:
+                sample["baseline_prediction"] = baseline.predictions[i]
+                sample["baseline_exact_match"] = baseline.row_exact[i]
         samples.append(sample)
     return samples
 
@@ -256,7 +296,13 @@ def run(ctx: StageContext) -> StageResult:
 
     model_dir = ctx.input_path(stage.model)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    tokenized = encode_rows(tokenizer, rows, dataset.format, stage.max_seq_len)
+    try:
+        # Plain text has one rendering; for the others this is what the stage's params record.
+        rendering = "text" if dataset.format == "text" else resolve_rendering(tokenizer, dataset.rendering)
+        tokenized = encode_rows(tokenizer, rows, dataset.format, stage.max_seq_len, rendering)
+    except ValueError as e:
+        raise OperatorError(f"dataset {stage.dataset!r}: {e}") from None
+    ctx.log_params({"rendering": rendering})
     examples = tokenized.examples
     if sum(example.graded_tokens for example in examples) == 0:
         raise OperatorError(
@@ -271,7 +317,9 @@ def run(ctx: StageContext) -> StageResult:
             stage.max_seq_len,
         )
     references = [reference_text(row, dataset.format) for row in rows]
-    prompts = [generation_prompt(tokenizer, row) for row in rows] if "exact_match" in measured else None
+    prompts = (
+        [generation_prompt(tokenizer, row, rendering) for row in rows] if "exact_match" in measured else None
+    )
 
     scores = _evaluate(model_dir, tokenizer, examples, prompts, references, stage)
     computed = scores.metrics(len(rows))
@@ -290,26 +338,51 @@ def run(ctx: StageContext) -> StageResult:
                 f"cannot compare with {gates.max_regression_vs!r}: its tokenizer differs from the evaluated "
                 "model's, so per-token metrics are not comparable"
             )
-        base = _evaluate(baseline_dir, tokenizer, examples, prompts, references, stage).metrics(len(rows))
-        metrics["baseline_loss"] = base["loss"]
-        for metric in measured:
-            metrics[f"baseline_{metric}"] = base[metric]
-            metrics[f"{metric}_regression"] = _regression(metric, metrics[metric], base[metric])
+        baseline = _evaluate(baseline_dir, tokenizer, examples, prompts, references, stage)
+        metrics["baseline_loss"] = baseline.loss
+        intervals = paired_bootstrap(
+            scores.rows(),
+            baseline.rows(),
+            list(measured),
+            resamples=gates.bootstrap_samples,
+            confidence=gates.confidence,
+        )
+        for metric, i in intervals.items():
+            metrics.update(
+                {
+                    f"baseline_{metric}": i.baseline,
+                    f"{metric}_regression": i.regression,
+                    f"{metric}_regression_ci_low": i.regression_low,
+                    f"{metric}_regression_ci_high": i.regression_high,
+                    f"{metric}_delta": i.delta,
+                    f"{metric}_delta_ci_low": i.delta_low,
+                    f"{metric}_delta_ci_high": i.delta_high,
+                }
+            )
+    else:
+        baseline, intervals = None, {}
 
     ctx.log_metrics(metrics)
-    failures = _gate_failures(stage, metrics, measured)
+    failures = _gate_failures(stage, metrics, intervals)
     report = ctx.output_dir / "report"
     report.mkdir(parents=True, exist_ok=True)
     summary = {
         "stage": stage.name,
         "model": stage.model,
         "baseline": gates.max_regression_vs,
-        "dataset": {"name": dataset.name, "format": dataset.format, "sha256": dataset.sha256},
+        "dataset": {
+            "name": dataset.name,
+            "format": dataset.format,
+            "rendering": rendering,
+            "sha256": dataset.sha256,
+        },
         "settings": {
             "max_samples": stage.max_samples,
             "batch_size": stage.batch_size,
             "max_seq_len": stage.max_seq_len,
             "max_new_tokens": stage.max_new_tokens,
+            "confidence": gates.confidence,
+            "bootstrap_samples": gates.bootstrap_samples,
         },
         "metrics": metrics,
         "gates": {"passed": not failures, "failures": failures},
@@ -317,7 +390,7 @@ def run(ctx: StageContext) -> StageResult:
     (report / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     truncated = [example.truncated for example in examples]
     with (report / "samples.jsonl").open("w") as f:
-        for sample in _samples(rows, dataset.format, references, scores, truncated):
+        for sample in _samples(rows, dataset.format, references, scores, truncated, baseline):
             f.write(json.dumps(sample, ensure_ascii=False) + "\n")
     if failures:
         raise GateFailed("; ".join(failures), metrics)

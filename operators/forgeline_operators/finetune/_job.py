@@ -28,6 +28,7 @@ class Features:
     truncated_rows: int  # cut at max_seq_len (kept, their tail is not trained on)
     dropped_rows: int  # nothing left to learn within max_seq_len (excluded)
     train_tokens: int  # non-padding tokens of one pass over the training rows
+    rendering: str = "raw"  # "chat_template" | "raw": how the rows became text (data.resolve_rendering)
 
 
 @dataclass(frozen=True)

@@ -13,17 +13,19 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from forgeline.runtime.context import MetricSink
-from forgeline_operators.data import IGNORE_INDEX, encode_row
+from forgeline_operators.data import IGNORE_INDEX, encode_row, resolve_rendering
 from forgeline_operators.finetune import _train
 from forgeline_operators.finetune._job import Feature, Features, TrainJob, TrainOutcome
 
 __all__ = ["features", "train"]
 
 
-def _pair(tokenizer: Any, row: Mapping[str, Any], max_len: int) -> tuple[Feature | None, bool]:
+def _pair(
+    tokenizer: Any, row: Mapping[str, Any], max_len: int, rendering: str
+) -> tuple[Feature | None, bool]:
     """(prompt_ids, chosen_ids, rejected_ids) or None when a side has nothing left; truncated?"""
     sides = [
-        encode_row(tokenizer, {"prompt": row["prompt"], "completion": row[side]}, "sft", max_len)
+        encode_row(tokenizer, {"prompt": row["prompt"], "completion": row[side]}, "sft", max_len, rendering)
         for side in ("chosen", "rejected")
     ]
     truncated = any(e.truncated for e in sides)
@@ -32,7 +34,8 @@ def _pair(tokenizer: Any, row: Mapping[str, Any], max_len: int) -> tuple[Feature
         return None, truncated
     k = starts[0]
     chosen, rejected = sides
-    # data.py tokenises the prompt on its own, so both sides share it exactly.
+    # data.py tokenises the prompt on its own (under a chat template: the conversation up to the
+    # generation prompt), so both sides share it exactly.
     assert starts[1] == k and chosen.input_ids[:k] == rejected.input_ids[:k]
     return {
         "prompt_ids": chosen.input_ids[:k],
@@ -42,12 +45,12 @@ def _pair(tokenizer: Any, row: Mapping[str, Any], max_len: int) -> tuple[Feature
 
 
 def _encode(
-    tokenizer: Any, rows: Sequence[Mapping[str, Any]], max_len: int
+    tokenizer: Any, rows: Sequence[Mapping[str, Any]], max_len: int, rendering: str
 ) -> tuple[list[Feature], int, int]:
     kept: list[Feature] = []
     truncated = 0
     for row in rows:
-        pair, cut = _pair(tokenizer, row, max_len)
+        pair, cut = _pair(tokenizer, row, max_len, rendering)
         truncated += cut
         if pair is not None:
             kept.append(pair)
@@ -59,9 +62,10 @@ def features(
     train_rows: Sequence[Mapping[str, Any]],
     eval_rows: Sequence[Mapping[str, Any]],
     max_seq_len: int,
+    rendering: str = "auto",
 ) -> Features:
-    train, truncated, dropped = _encode(tokenizer, train_rows, max_seq_len)
-    evals, eval_truncated, eval_dropped = _encode(tokenizer, eval_rows, max_seq_len)
+    train, truncated, dropped = _encode(tokenizer, train_rows, max_seq_len, rendering)
+    evals, eval_truncated, eval_dropped = _encode(tokenizer, eval_rows, max_seq_len, rendering)
     return Features(
         train=train,
         eval=evals,
@@ -71,6 +75,7 @@ def features(
         train_tokens=sum(
             2 * len(f["prompt_ids"]) + len(f["chosen_ids"]) + len(f["rejected_ids"]) for f in train
         ),
+        rendering=resolve_rendering(tokenizer, rendering),
     )
 
 

@@ -65,14 +65,18 @@ def split_rows(
 def _features(ctx: StageContext, stage: FinetuneStage, tokenizer: Any) -> Features:
     train_rows, eval_rows = _split(ctx, stage)
     max_len = stage.training.max_seq_len
-    if stage.method == "dpo":
-        from forgeline_operators.finetune import dpo
+    dataset = ctx.dataset(stage.dataset)
+    try:
+        if stage.method == "dpo":
+            from forgeline_operators.finetune import dpo
 
-        feats = dpo.features(tokenizer, train_rows, eval_rows, max_len)
-    else:
-        from forgeline_operators.finetune import sft
+            feats = dpo.features(tokenizer, train_rows, eval_rows, max_len, dataset.rendering)
+        else:
+            from forgeline_operators.finetune import sft
 
-        feats = sft.features(tokenizer, train_rows, eval_rows, ctx.dataset(stage.dataset).format, max_len)
+            feats = sft.features(tokenizer, train_rows, eval_rows, dataset.format, max_len, dataset.rendering)
+    except ValueError as e:  # a rendering the tokenizer cannot do, a template that cannot be masked
+        raise OperatorError(f"dataset {stage.dataset!r}: {e}") from None
     if feats.truncated_rows:
         ctx.logger.warning(
             "%d of %d rows exceed max_seq_len=%d; their tails are not trained on",
@@ -169,6 +173,7 @@ def run(ctx: StageContext) -> StageResult:
             "train_rows": len(feats.train),
             "train_tokens_per_epoch": feats.train_tokens,
             "eval_rows": len(feats.eval),
+            "rendering": feats.rendering,
             "total_steps": job.schedule.total_steps,
             "save_steps": job.schedule.save_steps,
             "logging_steps": job.schedule.logging_steps,

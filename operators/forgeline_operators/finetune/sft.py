@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from forgeline.runtime.context import MetricSink
-from forgeline_operators.data import IGNORE_INDEX, encode_rows
+from forgeline_operators.data import IGNORE_INDEX, encode_rows, resolve_rendering
 from forgeline_operators.finetune import _train
 from forgeline_operators.finetune._job import Feature, Features, TrainJob, TrainOutcome
 
@@ -23,9 +23,9 @@ __all__ = ["features", "train"]
 
 
 def _encode(
-    tokenizer: Any, rows: Sequence[Mapping[str, Any]], fmt: str, max_len: int
+    tokenizer: Any, rows: Sequence[Mapping[str, Any]], fmt: str, max_len: int, rendering: str
 ) -> tuple[list[Feature], int, int]:
-    tokenized = encode_rows(tokenizer, rows, fmt, max_len)
+    tokenized = encode_rows(tokenizer, rows, fmt, max_len, rendering)
     kept = [
         {"input_ids": e.input_ids, "labels": e.labels}
         for e in tokenized.examples
@@ -40,9 +40,10 @@ def features(
     eval_rows: Sequence[Mapping[str, Any]],
     fmt: str,
     max_seq_len: int,
+    rendering: str = "auto",
 ) -> Features:
-    train, truncated, dropped = _encode(tokenizer, train_rows, fmt, max_seq_len)
-    evals, eval_truncated, eval_dropped = _encode(tokenizer, eval_rows, fmt, max_seq_len)
+    train, truncated, dropped = _encode(tokenizer, train_rows, fmt, max_seq_len, rendering)
+    evals, eval_truncated, eval_dropped = _encode(tokenizer, eval_rows, fmt, max_seq_len, rendering)
     return Features(
         train=train,
         eval=evals,
@@ -50,6 +51,7 @@ def features(
         truncated_rows=truncated + eval_truncated,
         dropped_rows=dropped + eval_dropped,
         train_tokens=sum(len(f["input_ids"]) for f in train),
+        rendering=resolve_rendering(tokenizer, rendering),
     )
 
 

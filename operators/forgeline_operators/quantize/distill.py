@@ -54,14 +54,15 @@ def _student(ctx: StageContext, stage: DistillStage, teacher: Any) -> tuple[Any,
 def _examples(
     ctx: StageContext, stage: DistillStage, tokenizer: Any
 ) -> tuple[list[Example], list[Example], dict[str, float]]:
-    fmt = ctx.dataset(stage.dataset).format
+    dataset = ctx.dataset(stage.dataset)
+    fmt = dataset.format
     if fmt not in ("sft", "text"):
         raise OperatorError(
             f"distill needs a dataset of format 'sft' or 'text'; {stage.dataset!r} is {fmt!r}"
         )
     t = stage.training
     train_rows, eval_rows = split_rows(ctx, stage.dataset, stage.eval_dataset, t.eval_fraction, t.seed)
-    feats = features(tokenizer, train_rows, eval_rows, fmt, t.max_seq_len)
+    feats = features(tokenizer, train_rows, eval_rows, fmt, t.max_seq_len, dataset.rendering)
     train_ex = [Example(f["input_ids"], f["labels"], False) for f in feats.train]
     eval_ex = [Example(f["input_ids"], f["labels"], False) for f in feats.eval][:EVAL_ROWS]
     if not train_ex:

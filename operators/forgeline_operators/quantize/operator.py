@@ -52,8 +52,9 @@ def _validate(stage: Any) -> None:
         raise OperatorError(f"format {stage.format!r}: set calibration.dataset (data for {what})")
 
 
-def _rows(ctx: StageContext, name: str) -> tuple[list[dict[str, Any]], str]:
-    return ctx.read_rows(name), ctx.dataset(name).format
+def _rows(ctx: StageContext, name: str) -> tuple[list[dict[str, Any]], str, str]:
+    dataset = ctx.dataset(name)
+    return ctx.read_rows(name), dataset.format, dataset.rendering
 
 
 def _data(ctx: StageContext, stage: Any, tokenizer: Any) -> tuple[list[list[int]], list[Example]]:
@@ -63,11 +64,13 @@ def _data(ctx: StageContext, stage: Any, tokenizer: Any) -> tuple[list[list[int]
     calibration: list[list[int]] = []
     used = 0
     if calib is not None:
-        rows, fmt = _rows(ctx, calib.dataset)
+        rows, fmt, rendering = _rows(ctx, calib.dataset)
         used = min(calib.samples, len(rows))
-        calibration = [ex.input_ids for ex in encode_rows(tokenizer, rows[:used], fmt, max_len).examples]
+        calibration = [
+            ex.input_ids for ex in encode_rows(tokenizer, rows[:used], fmt, max_len, rendering).examples
+        ]
     gate_name = stage.gate.dataset or calib.dataset
-    rows, fmt = _rows(ctx, gate_name)
+    rows, fmt, rendering = _rows(ctx, gate_name)
     held_out = rows[used : used + GATE_ROWS] if calib is not None and gate_name == calib.dataset else rows
     held_out = held_out[:GATE_ROWS]
     if not held_out:
@@ -75,7 +78,7 @@ def _data(ctx: StageContext, stage: Any, tokenizer: Any) -> tuple[list[list[int]
             f"no held-out rows for the gate: dataset {gate_name!r} has {len(rows)} rows and calibration "
             f"uses the first {used}; set gate.dataset or lower calibration.samples"
         )
-    examples = encode_rows(tokenizer, held_out, fmt, max_len).examples
+    examples = encode_rows(tokenizer, held_out, fmt, max_len, rendering).examples
     if sum(ex.graded_tokens for ex in examples) == 0:
         raise OperatorError(f"gate dataset {gate_name!r}: no graded tokens within max_seq_len={max_len}")
     return calibration, examples

@@ -141,18 +141,23 @@ def plan_kept(model: Any, imp: Importance, target: Any) -> dict[str, Any]:
 def _data(ctx: StageContext, stage: PruneStage, tokenizer: Any) -> tuple[list[list[int]], list[Example]]:
     calib = stage.calibration
     rows = ctx.read_rows(calib.dataset)
-    fmt = ctx.dataset(calib.dataset).format
+    source = ctx.dataset(calib.dataset)
+    fmt = source.format
     used = min(calib.samples, len(rows))
     calibration = [
-        ex.input_ids for ex in encode_rows(tokenizer, rows[:used], fmt, calib.max_seq_len).examples
+        ex.input_ids
+        for ex in encode_rows(tokenizer, rows[:used], fmt, calib.max_seq_len, source.rendering).examples
     ]
     if stage.eval_dataset:
-        held, held_fmt = ctx.read_rows(stage.eval_dataset), ctx.dataset(stage.eval_dataset).format
+        held_source = ctx.dataset(stage.eval_dataset)
+        held = ctx.read_rows(stage.eval_dataset)
     else:
-        held, held_fmt = rows[used:], fmt
+        held_source, held = source, rows[used:]
     examples = [
         ex
-        for ex in encode_rows(tokenizer, held[:EVAL_ROWS], held_fmt, calib.max_seq_len).examples
+        for ex in encode_rows(
+            tokenizer, held[:EVAL_ROWS], held_source.format, calib.max_seq_len, held_source.rendering
+        ).examples
         if ex.graded_tokens
     ]
     if not examples:

@@ -202,6 +202,10 @@ class Planner:
             ki.params = {**ki.params, "workflow.target": self.workflow.target}
         for fpath, ds in stage.dataset_refs().items():
             ki.datasets[fpath] = self.dataset_sha.get(ds, "missing")
+            spec = self.workflow.data.get(ds)
+            if spec is not None and spec.rendering != "auto":
+                # A different rendering is different tokens: the same file must not hit the cache.
+                ki.datasets[fpath] += f";rendering={spec.rendering}"
         refs = stage.refs()
         ref_stages = set()
         for fpath, ref in refs.items():

@@ -97,7 +97,9 @@ def execute(task: StageTask) -> dict[str, Any]:
     resolve, values = _resolver(task, models)
     wf = task.loaded.workflow
     datasets = {
-        name: DatasetInput(name, task.loaded.dataset_path(name), spec.format, task.dataset_sha[name])
+        name: DatasetInput(
+            name, task.loaded.dataset_path(name), spec.format, task.dataset_sha[name], spec.rendering
+        )
         for name, spec in wf.data.items()
     }
     ctx = StageContext(

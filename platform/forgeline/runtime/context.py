@@ -77,6 +77,7 @@ class DatasetInput:
     path: Path
     format: str  # "sft" | "preference" | "text"
     sha256: str
+    rendering: str = "auto"  # "auto" | "chat_template" | "raw" (forgeline_operators.data)
 
 
 @dataclass

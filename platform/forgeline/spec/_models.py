@@ -76,6 +76,16 @@ class DatasetSpec(StrictModel):
             "`text`: {text}."
         )
     )
+    rendering: Literal["auto", "chat_template", "raw"] = Field(
+        default="auto",
+        description=(
+            "How sft and preference rows become text, the same in every stage that reads them: "
+            "`chat_template` renders {prompt, completion} as a user/assistant conversation with the "
+            "model's chat template (end-of-turn token graded), as the chat endpoint renders requests; "
+            "`raw` joins prompt + completion + EOS verbatim (base models, raw `/v1/completions` "
+            "prompts); `auto` picks `chat_template` when the model's tokenizer has one."
+        ),
+    )
 
 
 class TrackingSpec(StrictModel):
@@ -366,7 +376,25 @@ class EvaluateGates(StrictModel):
         description="`base` or an earlier stage name: evaluate that model too and fail if this one is worse.",
     )
     max_regression: float = Field(
-        default=0.0, ge=0, description="Allowed relative regression vs `max_regression_vs` (0.02 = 2 %)."
+        default=0.0,
+        ge=0,
+        description=(
+            "Allowed relative regression vs `max_regression_vs` (0.02 = 2 %), checked at the worst end "
+            "of the paired bootstrap interval, so noise on a few rows cannot pass a worse model."
+        ),
+    )
+    min_improvement: dict[Literal["token_accuracy", "exact_match"], float] | None = Field(
+        default=None,
+        description=(
+            "Absolute improvement over `max_regression_vs` the paired interval must lie above, by "
+            "metric: `{exact_match: 0.0}` fails unless the whole interval of (this - baseline) is > 0."
+        ),
+    )
+    confidence: float = Field(
+        default=0.95, gt=0.5, lt=1, description="Level of the paired bootstrap intervals gates use."
+    )
+    bootstrap_samples: int = Field(
+        default=1000, ge=100, le=100_000, description="Resamples of the rows for the paired intervals."
     )
     # Computed by the loader from max_regression_vs (the comparison model's Ref); never set by users.
     baseline_ref: SkipJsonSchema[str | None] = Field(default=None, exclude=True)
@@ -377,6 +405,14 @@ class EvaluateGates(StrictModel):
         if v is not None:
             raise ValueError("baseline_ref is computed from max_regression_vs; remove it")
         return v
+
+    @model_validator(mode="after")
+    def _improvement_needs_baseline(self) -> EvaluateGates:
+        if self.min_improvement and self.max_regression_vs is None:
+            raise ValueError(
+                "min_improvement compares with a baseline: set max_regression_vs (e.g. base) as well"
+            )
+        return self
 
 
 EvalMetric = Literal["perplexity", "token_accuracy", "exact_match"]

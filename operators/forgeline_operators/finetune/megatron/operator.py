@@ -128,7 +128,7 @@ def _job(ctx: StageContext, stage: FinetuneStage) -> MegatronJob:
         save_every=sched.save_steps,
         resume_from=latest_complete(root),
         export_dir=ctx.output_dir,
-        checkpoint_info={"method": stage.method},
+        checkpoint_info={"method": stage.method, "rendering": feats.rendering},
         dpo_beta=(stage.dpo.beta if stage.dpo else 0.1) if stage.method == "dpo" else None,
         reference_dir=ctx.input_path(stage.dpo.reference) if stage.dpo and stage.dpo.reference else None,
     )
@@ -235,6 +235,7 @@ def run(ctx: StageContext) -> StageResult:
         {
             "train_rows": len(r.train),
             "eval_rows": len(r.eval),
+            "rendering": r.checkpoint_info["rendering"],
             "total_steps": r.steps,
             "save_steps": r.save_every,
             "world_size": job.world_size,
