@@ -232,6 +232,25 @@ def test_model_against_itself_has_no_regression(assets: SimpleNamespace, tmp_pat
     assert m["baseline_perplexity"] == m["perplexity"]
 
 
+def test_min_improvement_needs_the_whole_interval_above(assets: SimpleNamespace, tmp_path: Path) -> None:
+    """Against itself the gain is exactly 0 on every resample: not above 0, so the gate fails and
+    names the metric, both values and the interval."""
+    ctx = _ctx(
+        assets,
+        tmp_path,
+        metrics=["perplexity", "token_accuracy"],
+        max_regression_vs="tune",
+        baseline_ref="${stages.tune.outputs.model}",
+        min_improvement={"token_accuracy": 0.0},
+    )
+    with pytest.raises(GateFailed) as info:
+        run(ctx)
+    m = info.value.metrics
+    assert m["token_accuracy_delta_ci_low"] == m["token_accuracy_delta_ci_high"] == 0.0
+    assert "gate min_improvement.token_accuracy=0 failed" in str(info.value)
+    assert "95% interval [+0.0000, +0.0000] does not lie above 0" in str(info.value)
+
+
 def test_better_model_passes_regression_gate(assets: SimpleNamespace, tmp_path: Path) -> None:
     m = run(_ctx(assets, tmp_path, max_regression_vs="base", baseline_ref="${model}")).metrics
     assert m["perplexity"] < m["baseline_perplexity"]
