@@ -156,8 +156,6 @@ def _plain_chat_segments(tokenizer: Any, messages: Sequence[Mapping[str, str]]) 
 def resolve_rendering(tokenizer: Any, rendering: str = "auto") -> str:
     """``chat_template`` or ``raw``: what ``rendering`` means for this tokenizer (``auto`` decides)."""
     has_template = bool(getattr(tokenizer, "chat_template", None))
-    if rendering == "text":  # a text dataset: no conversation to render
-        return rendering
     if rendering == "auto":
         return "chat_template" if has_template else "raw"
     if rendering == "chat_template" and not has_template:

@@ -5,20 +5,23 @@ token ids, so the honest uncertainty is that of the *difference*: rows are resam
 replacement, the same resample for both models, and each metric is recomputed from per-row sums
 (token-weighted for perplexity and token accuracy, a plain mean for exact match). The percentile
 interval of the candidate-minus-baseline difference and of the relative regression comes out of the
-same resamples. numpy only, seeded, so a rerun reports the same interval.
+same resamples, with the promotion gates' own definition of a regression
+(:func:`forgeline_operators.promote.gates.regression`), so both gates mean the same thing by it. numpy
+only, seeded, so a rerun reports the same interval.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["HIGHER_IS_BETTER", "Interval", "RowStats", "paired_bootstrap", "regression"]
+from forgeline_operators.promote.gates import regression
 
-HIGHER_IS_BETTER = frozenset({"token_accuracy", "exact_match"})
+__all__ = ["Interval", "RowStats", "paired_bootstrap"]
+
+_regressions = np.vectorize(regression, otypes=[float])  # the gate's scalar rule over resamples
 
 
 @dataclass(frozen=True)
@@ -53,25 +56,13 @@ class Interval:
     baseline: float
     delta_low: float  # candidate - baseline
     delta_high: float
-    regression: float  # relative change for the worse (negative: better); see ``regression``
+    regression: float  # relative change for the worse (negative: better), as promotion gates count it
     regression_low: float
     regression_high: float  # the interval's worst end: what a gate checks
 
     @property
     def delta(self) -> float:
         return self.value - self.baseline
-
-
-def regression(metric: str, value: float | np.ndarray, base: float | np.ndarray) -> np.ndarray:
-    """Relative change for the worse (negative when better).
-
-    For an accuracy whose baseline is 0 nothing can be lost, so the regression is 0 there.
-    """
-    value, base = np.asarray(value, dtype=float), np.asarray(base, dtype=float)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        if metric in HIGHER_IS_BETTER:
-            return np.where(base > 0, (base - value) / np.where(base > 0, base, 1), 0.0)
-        return (value - base) / base
 
 
 def paired_bootstrap(
@@ -95,17 +86,16 @@ def paired_bootstrap(
     for metric in metrics:
         value, base = float(point_c[metric][0]), float(point_b[metric][0])
         deltas = boot_c[metric] - boot_b[metric]
-        regressions = regression(metric, boot_c[metric], boot_b[metric])
+        regressions = _regressions(metric, boot_c[metric], boot_b[metric])
         d_low, d_high = np.percentile(deltas, [tail, 100 - tail])
         r_low, r_high = np.percentile(regressions, [tail, 100 - tail])
-        point = float(regression(metric, value, base))
         out[metric] = Interval(
             metric=metric,
             value=value,
             baseline=base,
             delta_low=float(d_low),
             delta_high=float(d_high),
-            regression=point if math.isfinite(point) else math.inf,
+            regression=regression(metric, value, base),
             regression_low=float(r_low),
             regression_high=float(r_high),
         )
