@@ -23,7 +23,7 @@ import httpx
 import pytest
 from mlflow.tracking import MlflowClient
 
-from forgeline_operators.deploy.triton import free_port
+from forgeline_operators.deploy.triton import free_ports
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -46,7 +46,8 @@ def workflow(tmp_path: Path) -> Path:
     folder = tmp_path / "wf"
     shutil.copytree(ROOT / "workflows" / "data", folder / "data")
     text = (ROOT / "workflows" / "quickstart.yaml").read_text()
-    text = text.replace("port: 8321", f"port: {free_port()}").replace("port: 8322", f"port: {free_port()}")
+    staging, production = free_ports(2)
+    text = text.replace("port: 8321", f"port: {staging}").replace("port: 8322", f"port: {production}")
     (folder / "quickstart.yaml").write_text(text)
     return folder / "quickstart.yaml"
 

@@ -16,7 +16,6 @@ import datetime
 import ipaddress
 import os
 import signal
-import socket
 import ssl
 import subprocess
 import time
@@ -30,6 +29,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
+
+from forgeline_operators.deploy.triton import free_ports
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "kube_binaries.sh"
@@ -63,9 +64,7 @@ def require_binaries(d: Path, ci: bool) -> Path:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
 
 
 def _key() -> rsa.RSAPrivateKey:
@@ -229,7 +228,7 @@ class Cluster:
         there: the garbage collector only watches kinds it saw at start or at its 30 s resync)."""
         t0 = time.monotonic()
         write_pki(self.pki)
-        etcd_port, peer_port, api_port = free_port(), free_port(), free_port()
+        etcd_port, peer_port, api_port, cm_port = free_ports(4)  # distinct: picked together
         etcd_url = f"http://127.0.0.1:{etcd_port}"
         self._spawn(
             "etcd",
@@ -280,7 +279,7 @@ class Cluster:
                 f"--authorization-kubeconfig={self.kubeconfig}",
                 "--leader-elect=false",
                 "--port=0",
-                f"--secure-port={free_port()}",
+                f"--secure-port={cm_port}",
                 "--bind-address=127.0.0.1",
                 f"--controllers={CONTROLLERS}",
                 f"--service-account-private-key-file={pki / 'sa.key'}",

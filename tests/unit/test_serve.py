@@ -387,3 +387,16 @@ def test_cli_serve_refuses_bf16_on_one_thread_before_any_work(tmp_path: Path) ->
     args = ["serve", "builtin://tiny-llama", "--precision", "fp8", "--home", str(tmp_path)]
     result = runner.invoke(app, args)
     assert result.exit_code == 1 and "--precision must be f32 or bf16" in result.stderr
+
+
+def test_free_ports_are_distinct_and_avoid_the_fronts_port() -> None:
+    # Picked one at a time and released, two ports could come out equal (CI once saw tritonserver
+    # refuse HTTP and metrics on the same port); picked together they cannot.
+    from forgeline_operators.deploy.triton import TritonPorts, free_ports
+
+    for _ in range(50):
+        ports = free_ports(3)
+        assert len(set(ports)) == 3
+    front = free_ports(1)[0]
+    picked = TritonPorts.pick(avoid=[front])
+    assert len({picked.http, picked.grpc, picked.metrics, front}) == 4

@@ -312,7 +312,7 @@ def serve_foreground(
     # adapter), so the first request does not pay the engines' load and ready means ready.
     models = list(manifest.get("models") or [model])
     server = TritonServer(
-        repository, models, TritonPorts.pick(), log_path=log, threads=threads, own_group=False
+        repository, models, TritonPorts.pick(avoid=[port]), log_path=log, threads=threads, own_group=False
     )
     record: EndpointRecord | None = None
     try:

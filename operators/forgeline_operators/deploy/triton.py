@@ -36,6 +36,7 @@ __all__ = [
     "TritonPorts",
     "TritonServer",
     "free_port",
+    "free_ports",
     "group_members",
     "kill_group",
     "load_model",
@@ -93,10 +94,30 @@ def unload_model(grpc_target: str, model: str, timeout_s: float = 60.0) -> None:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    return free_ports(1)[0]
+
+
+def free_ports(n: int, avoid: Iterable[int] = ()) -> list[int]:
+    """``n`` distinct free loopback ports, none of them in ``avoid``.
+
+    The sockets stay bound until all are picked: bound and closed one at a time, the kernel may hand
+    the same ephemeral port out twice (CI saw tritonserver refuse HTTP and metrics on one port).
+    """
+    avoided = set(avoid)
+    held: list[socket.socket] = []
+    ports: list[int] = []
+    try:
+        while len(ports) < n:
+            s = socket.socket()
+            held.append(s)
+            s.bind(("127.0.0.1", 0))
+            port: int = s.getsockname()[1]
+            if port not in avoided:
+                ports.append(port)
+    finally:
+        for s in held:
+            s.close()
+    return ports
 
 
 @dataclass(frozen=True)
@@ -106,8 +127,10 @@ class TritonPorts:
     metrics: int
 
     @classmethod
-    def pick(cls) -> TritonPorts:
-        return cls(free_port(), free_port(), free_port())
+    def pick(cls, avoid: Iterable[int] = ()) -> TritonPorts:
+        """Three distinct free ports, none in ``avoid`` (e.g. the front's own port)."""
+        http, grpc, metrics = free_ports(3, avoid)
+        return cls(http, grpc, metrics)
 
 
 def server_env(threads: int = 1) -> dict[str, str]:
