@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import httpx
 import pytest
 
 from forgeline.api import create_token
+from forgeline_operators.ports import free_port
 from processes import terminate
 
 pytestmark = pytest.mark.integration
@@ -56,12 +56,6 @@ stages:
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _wait(predicate: Callable[[], Any], deadline_s: float, what: str) -> Any:
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:
@@ -81,7 +75,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, mlflow_template: Path) -> I
     tokens = home / "api" / "tokens.json"
     submit = create_token(tokens, "ci-bot", ["read", "submit"])
     reader = create_token(tokens, "viewer", ["read"])
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "forgeline.cli", "api", "--port", str(port), "--home", str(home)]
     cmd += ["--tokens", str(tokens), "--data-root", str(ROOT / "workflows")]
     log = open(home.parent / "api-server.log", "wb")  # noqa: SIM115  (closed after the module)

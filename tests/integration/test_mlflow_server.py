@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -24,6 +23,7 @@ from forgeline.registry import default_registry
 from forgeline.runtime import RunSettings, make_planner, run_workflow
 from forgeline.spec import load_workflow
 from forgeline.tracking import TAG_STAGE, Tracker
+from forgeline_operators.ports import free_port
 from processes import kill_session, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
@@ -39,16 +39,10 @@ stages:
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     d = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
+    port = free_port()
     mlflow = Path(sys.executable).with_name("mlflow")
     proc = subprocess.Popen(
         [

@@ -23,7 +23,7 @@ import httpx
 import pytest
 from mlflow.tracking import MlflowClient
 
-from forgeline_operators.deploy.triton import free_ports
+from forgeline_operators.ports import free_ports
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -23,6 +22,7 @@ import pytest
 from forgeline.api import create_token
 from forgeline_operators.deploy.endpoint import EndpointRecord, _is_supervisor, start_detached, stop_endpoint
 from forgeline_operators.models.tiny_llama import SOURCE
+from forgeline_operators.ports import free_port
 from forgeline_operators.serve.export import export_openvino
 from forgeline_operators.serve.repository import OpenvinoModelSpec, build_openvino_repository
 from processes import terminate
@@ -30,12 +30,6 @@ from processes import terminate
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +55,7 @@ def api(tmp_path_factory: pytest.TempPathFactory, mlflow_template: Path) -> Iter
     shutil.copy(mlflow_template, home / "mlflow.db")
     tokens = home / "api" / "tokens.json"
     submit = create_token(tokens, "mallory", ["read", "submit"])
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "forgeline.cli", "api", "--port", str(port), "--home", str(home)]
     cmd += ["--tokens", str(tokens), "--data-root", str(ROOT / "workflows")]
     log = open(home.parent / "api.log", "wb")  # noqa: SIM115  (closed below)

@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from forgeline_operators.deploy.triton import free_ports
+from forgeline_operators.ports import free_ports
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "kube_binaries.sh"
@@ -61,10 +61,6 @@ def require_binaries(d: Path, ci: bool) -> Path:
             pytest.fail(msg)
         pytest.skip(msg)
     return d
-
-
-def free_port() -> int:
-    return free_ports(1)[0]
 
 
 def _key() -> rsa.RSAPrivateKey:

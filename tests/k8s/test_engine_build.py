@@ -23,13 +23,14 @@ from typing import Any
 import pytest
 import yaml
 from kopf.testing import KopfRunner
-from kube_cluster import Cluster, free_port
+from kube_cluster import Cluster
 from kubelet import FakeKubelet, Outcome
 from kubernetes import client
 
 from forgeline_operators.build.k8s import engine_build, job_name
 from forgeline_operators.build.operator import ENGINE_CACHE_ENV, store_engine
 from forgeline_operators.kube.client import Kube, wait_for
+from forgeline_operators.ports import free_port
 
 pytestmark = pytest.mark.k8s
 EB = ("forgeline.dev/v1alpha1", "EngineBuild")

@@ -21,7 +21,8 @@ from forgeline.spec._models import DeployStage, SchedulerSpec, ServeStage
 from forgeline_operators.deploy.endpoint import EndpointRecord, _write_record, list_endpoints, pid_alive
 from forgeline_operators.deploy.front import FrontSettings, create_app, sse_events
 from forgeline_operators.deploy.loadgen import LoadSpec, percentile, workload
-from forgeline_operators.deploy.triton import TritonError, free_port, load_model, repository_request
+from forgeline_operators.deploy.triton import TritonError, load_model, repository_request
+from forgeline_operators.ports import free_port
 from forgeline_operators.serve.repository import (
     INPUTS,
     MANIFEST,
@@ -392,7 +393,8 @@ def test_cli_serve_refuses_bf16_on_one_thread_before_any_work(tmp_path: Path) ->
 def test_free_ports_are_distinct_and_avoid_the_fronts_port() -> None:
     # Picked one at a time and released, two ports could come out equal (CI once saw tritonserver
     # refuse HTTP and metrics on the same port); picked together they cannot.
-    from forgeline_operators.deploy.triton import TritonPorts, free_ports
+    from forgeline_operators.deploy.triton import TritonPorts
+    from forgeline_operators.ports import free_ports
 
     for _ in range(50):
         ports = free_ports(3)

@@ -34,7 +34,8 @@ from typing import Any
 import httpx
 
 from forgeline.artifacts import pid_alive, single_name, write_text_atomic
-from forgeline_operators.deploy.triton import TritonPorts, TritonServer, free_port, group_members, kill_group
+from forgeline_operators.deploy.triton import TritonPorts, TritonServer, group_members, kill_group
+from forgeline_operators.ports import free_port
 
 __all__ = [
     "EndpointError",

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sysconfig
 import time
@@ -30,13 +29,12 @@ from types import TracebackType
 import httpx
 
 from forgeline_operators.deploy.install import ensure_stub_env, ensure_tritonserver
+from forgeline_operators.ports import free_ports
 
 __all__ = [
     "TritonError",
     "TritonPorts",
     "TritonServer",
-    "free_port",
-    "free_ports",
     "group_members",
     "kill_group",
     "load_model",
@@ -91,33 +89,6 @@ def load_model(grpc_target: str, model: str, timeout_s: float = 120.0) -> None:
 
 def unload_model(grpc_target: str, model: str, timeout_s: float = 60.0) -> None:
     _grpc_repository(grpc_target, "RepositoryModelUnload", model, timeout_s)
-
-
-def free_port() -> int:
-    return free_ports(1)[0]
-
-
-def free_ports(n: int, avoid: Iterable[int] = ()) -> list[int]:
-    """``n`` distinct free loopback ports, none of them in ``avoid``.
-
-    The sockets stay bound until all are picked: bound and closed one at a time, the kernel may hand
-    the same ephemeral port out twice (CI saw tritonserver refuse HTTP and metrics on one port).
-    """
-    avoided = set(avoid)
-    held: list[socket.socket] = []
-    ports: list[int] = []
-    try:
-        while len(ports) < n:
-            s = socket.socket()
-            held.append(s)
-            s.bind(("127.0.0.1", 0))
-            port: int = s.getsockname()[1]
-            if port not in avoided:
-                ports.append(port)
-    finally:
-        for s in held:
-            s.close()
-    return ports
 
 
 @dataclass(frozen=True)

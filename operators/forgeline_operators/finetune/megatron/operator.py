@@ -199,7 +199,7 @@ def _outcome(result: Any) -> TrainOutcome:
 def _in_process(job: MegatronJob) -> None:
     import torch
 
-    from forgeline_operators.finetune.megatron.launch import free_port
+    from forgeline_operators.ports import free_port
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     torch.distributed.init_process_group("gloo", rank=0, world_size=1)
