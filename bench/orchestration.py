@@ -64,7 +64,7 @@ def timed(fn, repeat: int = 5) -> float:  # type: ignore[no-untyped-def]
 def bench_plan(tmp: Path) -> None:
     home = tmp / "plan-home"
     wf50 = synthetic(50, tmp)
-    quick = ROOT / "workflows" / "quickstart.yaml"
+    quick = ROOT / "workflows" / "quickstart-tiny.yaml"
 
     def plan(path: Path) -> None:
         make_planner(load_workflow(path), home).build()
@@ -110,7 +110,7 @@ def bench_quickstart(tmp: Path) -> None:
     from forgeline_operators.deploy.endpoint import stop_all
 
     home = tmp / "quick-home"
-    loaded = load_workflow(ROOT / "workflows" / "quickstart.yaml")
+    loaded = load_workflow(ROOT / "workflows" / "quickstart-tiny.yaml")
     settings = RunSettings(home=home, ray=RaySettings())
     try:
         t0 = time.perf_counter()

@@ -31,7 +31,12 @@ ROOT = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "forgeline.cli"]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "FORGELINE_ACTOR": "ci-bot"}
 MODEL = "quickstart-tiny-llama"
-PROMPT = {"model": "quickstart-prod", "prompt": "Uppercase: hello world", "max_tokens": 8, "temperature": 0}
+PROMPT = {
+    "model": "quickstart-tiny-prod",
+    "prompt": "Uppercase: hello world",
+    "max_tokens": 8,
+    "temperature": 0,
+}
 
 
 def forgeline(*args: str, home: Path, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
@@ -45,9 +50,9 @@ def workflow(tmp_path: Path) -> Path:
     """A copy of the quickstart on free ports, with its datasets beside it."""
     folder = tmp_path / "wf"
     shutil.copytree(ROOT / "workflows" / "data", folder / "data")
-    text = (ROOT / "workflows" / "quickstart.yaml").read_text()
+    text = (ROOT / "workflows" / "quickstart-tiny.yaml").read_text()
     staging, production = free_ports(2)
-    text = text.replace("port: 8321", f"port: {staging}").replace("port: 8322", f"port: {production}")
+    text = text.replace("port: 8323", f"port: {staging}").replace("port: 8324", f"port: {production}")
     (folder / "quickstart.yaml").write_text(text)
     return folder / "quickstart.yaml"
 
@@ -64,9 +69,9 @@ def _endpoint(home: Path, name: str) -> dict[str, str]:
 
 
 def _triton_version(home: Path) -> list[str]:
-    rec = _endpoint(home, "quickstart-prod")
+    rec = _endpoint(home, "quickstart-tiny-prod")
     index = httpx.post(f"{rec['triton_url']}/v2/repository/index", json={"ready": True}, timeout=10).json()
-    return [m["version"] for m in index if m["name"] == "quickstart_prod" and m.get("state") == "READY"]
+    return [m["version"] for m in index if m["name"] == "quickstart_tiny_prod" and m.get("state") == "READY"]
 
 
 def _greedy(url: str) -> str:
@@ -122,7 +127,7 @@ def test_quickstart_twice_promote_under_load_rollback_and_blocked_gate(
     client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
     first = forgeline("run", str(workflow), home=home)
     assert first.returncode == 0, first.stdout + first.stderr
-    prod_url = _endpoint(home, "quickstart-prod")["url"]
+    prod_url = _endpoint(home, "quickstart-tiny-prod")["url"]
     assert f"promote.endpoint = {prod_url}" in first.stdout
     assert int(client.get_model_version_by_alias(MODEL, "production").version) == 1
     assert _triton_version(home) == ["1"]
@@ -146,7 +151,7 @@ def test_quickstart_twice_promote_under_load_rollback_and_blocked_gate(
     aliases = {a: int(v) for a, v in client.get_registered_model(MODEL).aliases.items()}
     assert aliases == {"candidate": 2, "production": 2, "previous": 1}
     assert _triton_version(home) == ["2"]
-    assert _endpoint(home, "quickstart-prod")["url"] == prod_url  # same server, swapped in place
+    assert _endpoint(home, "quickstart-tiny-prod")["url"] == prod_url  # same server, swapped in place
 
     back = forgeline("rollback", MODEL, home=home)
     assert back.returncode == 0, back.stdout + back.stderr
@@ -156,8 +161,8 @@ def test_quickstart_twice_promote_under_load_rollback_and_blocked_gate(
     assert _greedy(prod_url) == v1_text
     listing = json.loads(forgeline("endpoints", "--json", home=home).stdout)
     assert {e["name"]: e["serving_version"] for e in listing} == {
-        "quickstart": None,
-        "quickstart-prod": f"{MODEL}/1",
+        "quickstart-tiny": None,
+        "quickstart-tiny-prod": f"{MODEL}/1",
     }
 
     gates = workflow.parent / "gates.yaml"

@@ -45,7 +45,7 @@ def stop_endpoints(home: Path) -> Iterator[None]:
 def test_quickstart_kill9_resume_then_fully_cached(home: Path, stop_endpoints: None) -> None:
     client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
     proc = subprocess.Popen(
-        [*CLI, "run", "workflows/quickstart.yaml", "--home", str(home)],
+        [*CLI, "run", "workflows/quickstart-tiny.yaml", "--home", str(home)],
         cwd=ROOT,
         env=ENV,
         stdout=subprocess.DEVNULL,
@@ -96,8 +96,8 @@ def test_quickstart_kill9_resume_then_fully_cached(home: Path, stop_endpoints: N
     assert len(workflow_runs) == 1  # resume continued the same run
 
     # The endpoint the run deployed answers through its OpenAI-compatible API.
-    body = {"model": "quickstart", "prompt": "Uppercase: hello", "max_tokens": 8}
-    reply = httpx.post("http://127.0.0.1:8321/v1/completions", json=body, timeout=60)
+    body = {"model": "quickstart-tiny", "prompt": "Uppercase: hello", "max_tokens": 8}
+    reply = httpx.post("http://127.0.0.1:8323/v1/completions", json=body, timeout=60)
     assert reply.status_code == 200, reply.text
     assert reply.json()["usage"]["completion_tokens"] >= 1
 
@@ -105,7 +105,7 @@ def test_quickstart_kill9_resume_then_fully_cached(home: Path, stop_endpoints: N
     assert mv.tags["forgeline.sha256"]
     assert Path(mv.source.removeprefix("file://")).is_dir()  # registered by reference, not uploaded
 
-    again = forgeline("run", "workflows/quickstart.yaml", home=home)
+    again = forgeline("run", "workflows/quickstart-tiny.yaml", home=home)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "10 cached" in again.stdout  # the endpoint is still up, so even deploy is reused
     assert len(client.search_model_versions("name = 'quickstart-tiny-llama'")) == 1

@@ -16,7 +16,7 @@ from forgeline_operators.finetune.nemo.validate import validate_rayjob
 from forgeline_operators.kube.client import Kube
 
 ROOT = Path(__file__).resolve().parents[2]
-QUICKSTART = ROOT / "workflows" / "quickstart.yaml"
+QUICKSTART = ROOT / "workflows" / "quickstart-tiny.yaml"
 
 
 def _submit(namespace: str) -> object:
@@ -35,21 +35,23 @@ def test_quickstart_submitted_as_rayjob(
     kube = Kube(api_client)
     first = _submit(namespace)
     assert first.exit_code == 0, first.output  # type: ignore[attr-defined]
-    assert f"submitted RayJob {namespace}/forgeline-quickstart" in first.output  # type: ignore[attr-defined]
-    job = kube.get("ray.io/v1", "RayJob", "forgeline-quickstart", namespace)
+    assert f"submitted RayJob {namespace}/forgeline-quickstart-tiny" in first.output  # type: ignore[attr-defined]
+    job = kube.get("ray.io/v1", "RayJob", "forgeline-quickstart-tiny", namespace)
     assert job is not None
     assert validate_rayjob(job) == []  # as stored, against KubeRay's CRD (strict) and pod schemas
-    assert job["spec"]["entrypoint"].startswith("forgeline run /workflows/quickstart.yaml --ray-address auto")
-    cm = kube.get("v1", "ConfigMap", "forgeline-quickstart", namespace)
+    assert job["spec"]["entrypoint"].startswith(
+        "forgeline run /workflows/quickstart-tiny.yaml --ray-address auto"
+    )
+    cm = kube.get("v1", "ConfigMap", "forgeline-quickstart-tiny", namespace)
     assert cm is not None
     head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
     items = next(v for v in head["volumes"] if v["name"] == "workflow")["configMap"]["items"]
     paths = {i["path"]: cm["data"][i["key"]] for i in items}
-    assert paths["quickstart.yaml"] == QUICKSTART.read_text()
+    assert paths["quickstart-tiny.yaml"] == QUICKSTART.read_text()
     for rel in ("data/chat_sft.jsonl", "data/held_out.jsonl", "data/prefs.jsonl", "data/corpus_sample.jsonl"):
         assert paths[rel] == (ROOT / "workflows" / rel).read_text(), rel
 
     again = _submit(namespace)  # server-side apply: the same objects, updated in place
     assert again.exit_code == 0, again.output  # type: ignore[attr-defined]
-    job2 = kube.get("ray.io/v1", "RayJob", "forgeline-quickstart", namespace)
+    job2 = kube.get("ray.io/v1", "RayJob", "forgeline-quickstart-tiny", namespace)
     assert job2 is not None and job2["metadata"]["uid"] == job["metadata"]["uid"]

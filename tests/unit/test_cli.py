@@ -13,7 +13,7 @@ from forgeline.cli import app
 from forgeline.spec import schema_json
 
 ROOT = Path(__file__).resolve().parents[2]
-QUICKSTART = ROOT / "workflows" / "quickstart.yaml"
+QUICKSTART = ROOT / "workflows" / "quickstart-tiny.yaml"
 BROKEN = ROOT / "tests" / "data" / "broken"
 
 
@@ -91,7 +91,7 @@ def test_plan_json_lists_the_stages_and_creates_no_tracking_store(runner: CliRun
     result = runner.invoke(app, ["plan", str(QUICKSTART), "--json", "--home", str(home)])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert data["workflow"] == "quickstart" and data["problems"] == []
+    assert data["workflow"] == "quickstart-tiny" and data["problems"] == []
     stages = {s["name"]: s for s in data["stages"]}
     assert list(stages) == [
         "eval-base", "sft", "align", "eval-tuned", "quantize", "build", "register", "serve", "deploy",
@@ -152,5 +152,7 @@ def test_plan_only_and_from_select_stages(runner: CliRunner, tmp_path: Path) -> 
 
     bad = runner.invoke(app, ["plan", str(QUICKSTART), "--from", "sfft", *home])
     assert bad.exit_code == 1
-    assert "--from sfft: no stage of that name in workflow 'quickstart' (did you mean 'sft'?)" in bad.output
+    assert (
+        "--from sfft: no stage of that name in workflow 'quickstart-tiny' (did you mean 'sft'?)" in bad.output
+    )
     assert "Traceback" not in bad.output

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from forgeline.cli import app
 
-QUICKSTART = Path(__file__).resolve().parents[2] / "workflows" / "quickstart.yaml"
+QUICKSTART = Path(__file__).resolve().parents[2] / "workflows" / "quickstart-tiny.yaml"
 
 
 @pytest.mark.parametrize(("flag", "expected"), [([], "local"), (["--target", "kubernetes"], "kubernetes")])

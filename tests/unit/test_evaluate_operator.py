@@ -21,6 +21,7 @@ from forgeline.artifacts import sha256_file
 from forgeline.runtime.context import DatasetInput, GateFailed, MemorySink, OperatorError, StageContext
 from forgeline_operators.data import IGNORE_INDEX, encode_row, generation_prompt
 from forgeline_operators.evaluate import run
+from forgeline_operators.evaluate.operator import contains
 
 torch.set_num_threads(1)
 
@@ -119,6 +120,7 @@ def _ctx(
         max_perplexity=None,
         min_token_accuracy=None,
         min_exact_match=None,
+        min_contains=None,
         max_regression_vs=None,
         max_regression=0.0,
         min_improvement=None,
@@ -139,6 +141,7 @@ def _ctx(
         max_seq_len=64,
         max_new_tokens=8,
         gates=gates,
+        lm_eval=None,
     )
     for key, value in fields.items():
         setattr(stage, key, value)
@@ -321,6 +324,65 @@ def test_exact_match_uses_greedy_generation(assets: SimpleNamespace, tmp_path: P
     assert samples[0]["prediction"].strip() == rows[0]["completion"].strip()
 
 
+def test_contains_grades_the_key_in_a_free_answer(assets: SimpleNamespace, tmp_path: Path) -> None:
+    """A reference found as whole words in the greedy answer counts for ``contains``, not ``exact_match``;
+    the answers go to an MLflow table beside the baseline's."""
+    tok = assets.tokenizer
+    model = LlamaForCausalLM.from_pretrained(assets.tuned_dir).eval()
+    rows = []
+    exact = []
+    for prompt, _ in [QA[0], QA[1], QA[5]]:
+        ids = [tok.bos_token_id, *tok(prompt, add_special_tokens=False)["input_ids"]]
+        with torch.no_grad():
+            out = model.generate(
+                torch.tensor([ids]), do_sample=False, max_new_tokens=6, pad_token_id=tok.pad_token_id
+            )
+        new = out[0, len(ids) :].tolist()
+        answer = tok.decode(new[: new.index(tok.eos_token_id)] if tok.eos_token_id in new else new)
+        key = answer.split()[-1].upper()  # the answer's last word, in another case: found all the same
+        rows.append({"prompt": prompt, "completion": key})
+        exact.append(answer.strip() == key)
+    assert not all(exact)  # at least one key is only part of its answer
+    rows.append({"prompt": QA[3][0], "completion": "definitely not this"})
+    path = tmp_path / "gen.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ctx = _ctx(
+        assets,
+        tmp_path,
+        datasets=[_dataset("gen", path, "sft")],
+        dataset="gen",
+        metrics=["exact_match", "contains"],
+        max_new_tokens=6,
+        max_regression_vs="base",
+        baseline_ref="${model}",
+        max_regression=1.0,
+    )
+    result = run(ctx)
+    assert result.metrics["contains"] == 0.75
+    assert result.metrics["exact_match"] == sum(exact) / 4
+    assert "contains_regression_ci_high" in result.metrics
+    table = ctx.sink.tables["eval/eval_answers.json"]  # type: ignore[attr-defined]
+    assert table["reference"] == [r["completion"] for r in rows]
+    assert table["contains"] == [True, True, True, False]
+    assert len(table["baseline_prediction"]) == 4 and "baseline_contains" in table
+    assert table["prompt"] == [r["prompt"] for r in rows]
+
+
+@pytest.mark.parametrize(
+    ("answer", "key", "found"),
+    [
+        ("The capital of France is Paris.", "Paris", True),
+        ("paris, of course", "Paris", True),
+        ("Parisian cafes", "Paris", False),
+        ("It is the Pacific\nOcean", "Pacific Ocean", True),
+        ("24 hours", "4", False),
+        ("anything", "  ", False),
+    ],
+)
+def test_contains_matches_whole_words(answer: str, key: str, found: bool) -> None:
+    assert contains(answer, key) is found
+
+
 def test_exact_match_needs_sft_data(assets: SimpleNamespace, tmp_path: Path) -> None:
     with pytest.raises(OperatorError, match="exact_match needs an sft dataset"):
         run(_ctx(assets, tmp_path, dataset="corpus", metrics=["exact_match"]))
@@ -393,3 +455,33 @@ def test_chat_template_grades_assistant_turns(assets: SimpleNamespace) -> None:
         assert truncated.truncated and len(truncated.input_ids) == 10
     finally:
         tok.chat_template = saved
+
+
+def test_general_check_logs_answers_beside_the_parents(assets: SimpleNamespace, tmp_path: Path) -> None:
+    """The default after-finetune check: both models answer the same fixed prompts and score the same
+    held-out text; the table holds both answers per prompt, the metrics both sides."""
+    from forgeline_operators.evaluate.general import PROMPTS, after_finetune, general_check
+
+    ctx = _ctx(assets, tmp_path)
+    metrics = general_check(ctx, assets.tuned_dir, assets.base_dir, max_new_tokens=4)
+    table = ctx.sink.tables["general/answers.json"]  # type: ignore[attr-defined]
+    assert table["prompt"] == [p for p, _ in PROMPTS] and len(table["parent"]) == len(PROMPTS)
+    assert table["parent"] != table["tuned"]  # two different models answered
+    assert metrics["general_perplexity"] > 1 and metrics["general_parent_perplexity"] > 1
+    assert metrics["general_perplexity_change"] == pytest.approx(
+        metrics["general_perplexity"] / metrics["general_parent_perplexity"] - 1
+    )
+    itself = general_check(
+        _ctx(assets, tmp_path / "again"), assets.base_dir, assets.base_dir, max_new_tokens=4
+    )
+    assert itself["general_perplexity_change"] == pytest.approx(0.0, abs=1e-9)
+    assert itself["general_contains"] == itself["general_parent_contains"]
+
+    # An adapter-only output (no config.json) has nothing to answer with: skipped, nothing logged.
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    skip = _ctx(assets, tmp_path / "skip", base="${model}", general_check=True)
+    assert after_finetune(skip, [adapter]) == {}
+    assert skip.sink.tables == {}  # type: ignore[attr-defined]
+    off = _ctx(assets, tmp_path / "off", base="${model}", general_check=False)
+    assert after_finetune(off, [assets.tuned_dir]) == {}

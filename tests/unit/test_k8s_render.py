@@ -85,7 +85,7 @@ def test_render_prints_to_stdout_and_reports_errors_with_the_fix(tmp_path: Path)
     broken.write_text(nim.replace("      image: nvcr.io/nim/meta/llama-3.1-8b-instruct:2.0.13\n", ""))
     result = runner.invoke(app, ["render", str(broken)])
     assert result.exit_code == 1 and "kubernetes.image" in result.output and "Traceback" not in result.output
-    result = runner.invoke(app, ["render", str(ROOT / "workflows" / "quickstart.yaml")])  # all local
+    result = runner.invoke(app, ["render", str(ROOT / "workflows" / "quickstart-tiny.yaml")])  # all local
     assert result.exit_code == 1 and "nothing to render" in result.output
 
 

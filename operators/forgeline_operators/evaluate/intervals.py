@@ -3,7 +3,7 @@
 Evaluation gates compare a candidate with a baseline (the base model, a parent stage) on identical
 token ids, so the honest uncertainty is that of the *difference*: rows are resampled with
 replacement, the same resample for both models, and each metric is recomputed from per-row sums
-(token-weighted for perplexity and token accuracy, a plain mean for exact match). The percentile
+(token-weighted for perplexity and token accuracy, a plain mean for exact match and contains). The percentile
 interval of the candidate-minus-baseline difference and of the relative regression comes out of the
 same resamples, with the promotion gates' own definition of a regression
 (:func:`forgeline_operators.promote.gates.regression`), so both gates mean the same thing by it. numpy
@@ -32,6 +32,7 @@ class RowStats:
     tokens: np.ndarray
     correct: np.ndarray
     exact: np.ndarray | None = None  # 0/1 per row; None when exact_match was not measured
+    contains: np.ndarray | None = None  # 0/1 per row; None when contains was not measured
 
     def values(self, idx: np.ndarray) -> dict[str, np.ndarray]:
         """Each metric over every resample: ``idx`` is (resamples, rows) of row indices."""
@@ -44,6 +45,8 @@ class RowStats:
         }
         if self.exact is not None:
             out["exact_match"] = self.exact[idx].mean(axis=-1)
+        if self.contains is not None:
+            out["contains"] = self.contains[idx].mean(axis=-1)
         return out
 
 

@@ -4,7 +4,9 @@ Rows are tokenised once with the evaluated model's tokenizer, in the dataset's r
 chat template for instruction-tuned models, as training and the endpoint render them), and scored by
 each model in turn, so a baseline comparison is made on identical tokens. Scoring is a right-padded
 teacher-forced pass in fp32 (``loss``, ``perplexity``, ``token_accuracy`` over graded tokens);
-``exact_match`` is greedy generation from each sft row's prompt. A comparison is paired: the same
+``exact_match`` (the answer equals the reference) and ``contains`` (the reference appears in the answer
+as whole words, case-insensitive: a key fact in a free-form chat answer) grade greedy generation from
+each sft row's prompt. A comparison is paired: the same
 bootstrap resamples of the rows for both models (:mod:`.intervals`), and a regression gate holds only
 at the interval's worst end. Metrics are logged and the report written before gates are checked, so
 a failed gate still leaves its numbers in the tracking run.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +56,7 @@ class Scores:
     row_correct: list[int] = field(default_factory=list)
     predictions: list[str] | None = None
     row_exact: list[bool] = field(default_factory=list)
+    row_contains: list[bool] = field(default_factory=list)
 
     @property
     def exact(self) -> int:
@@ -64,6 +68,7 @@ class Scores:
             tokens=np.asarray(self.row_tokens, dtype=float),
             correct=np.asarray(self.row_correct, dtype=float),
             exact=np.asarray(self.row_exact, dtype=float) if self.predictions is not None else None,
+            contains=np.asarray(self.row_contains, dtype=float) if self.predictions is not None else None,
         )
 
     @property
@@ -78,7 +83,20 @@ class Scores:
         }
         if self.predictions is not None:
             out["exact_match"] = self.exact / references
+            out["contains"] = sum(self.row_contains) / references
         return out
+
+
+GENERATED = ("exact_match", "contains")  # metrics that grade a greedy answer against the reference
+
+
+def contains(answer: str, reference: str) -> bool:
+    """``reference`` appears in ``answer`` as whole words, case-insensitive ("Paris" in "It is Paris.")."""
+    words = reference.strip().split()
+    if not words:
+        return False
+    pattern = r"(?<!\w)" + r"\s+".join(re.escape(w) for w in words) + r"(?!\w)"
+    return re.search(pattern, answer, flags=re.IGNORECASE) is not None
 
 
 def _batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
@@ -154,9 +172,9 @@ def _evaluate(
         scores = score_examples(model, examples, stage.batch_size, pad_token_id(tokenizer))
         if prompts is not None:
             scores.predictions = _generate(model, tokenizer, prompts, stage.batch_size, stage.max_new_tokens)
-            scores.row_exact = [
-                p.strip() == r.strip() for p, r in zip(scores.predictions, references, strict=True)
-            ]
+            pairs = list(zip(scores.predictions, references, strict=True))
+            scores.row_exact = [p.strip() == r.strip() for p, r in pairs]
+            scores.row_contains = [contains(p, r) for p, r in pairs]
     return scores
 
 
@@ -168,6 +186,7 @@ def _measured(stage: Any) -> list[str]:
         ("perplexity", gates.max_perplexity),
         ("token_accuracy", gates.min_token_accuracy),
         ("exact_match", gates.min_exact_match),
+        ("contains", gates.min_contains),
     ):
         if threshold is not None and metric not in wanted:
             wanted.append(metric)
@@ -222,6 +241,7 @@ def _gate_failures(stage: Any, metrics: Mapping[str, float], intervals: Mapping[
     for metric, threshold in (
         ("token_accuracy", gates.min_token_accuracy),
         ("exact_match", gates.min_exact_match),
+        ("contains", gates.min_contains),
     ):
         if threshold is not None and metrics[metric] < threshold:
             failures.append(
@@ -234,15 +254,36 @@ def _gate_failures(stage: Any, metrics: Mapping[str, float], intervals: Mapping[
 
 
 def _check_request(stage: Any, fmt: str, measured: Sequence[str]) -> None:
-    if "exact_match" in measured and fmt != "sft":
+    generated = [m for m in measured if m in GENERATED]
+    if generated and fmt != "sft":
         raise OperatorError(
-            f"exact_match needs an sft dataset (a prompt and a reference completion); "
+            f"{' and '.join(generated)} {'needs' if len(generated) == 1 else 'need'} an sft dataset "
+            "(a prompt and a reference completion); "
             f"dataset {stage.dataset!r} is {fmt!r}"
         )
     if stage.gates.max_regression_vs is not None and not stage.gates.baseline_ref:
         raise OperatorError(
             f"gates.max_regression_vs={stage.gates.max_regression_vs!r} has no resolved baseline model"
         )
+
+
+TABLE_COLUMNS = (
+    "prompt",
+    "reference",
+    "prediction",
+    "baseline_prediction",
+    "exact_match",
+    "baseline_exact_match",
+    "contains",
+    "baseline_contains",
+)
+
+
+def _cell(value: Any) -> Any:
+    """A table cell: chat prompts (message lists) as their last user turn, the rest as they are."""
+    if isinstance(value, list):
+        return value[-1]["content"] if value and isinstance(value[-1], dict) else json.dumps(value)
+    return value
 
 
 def _samples(
@@ -272,6 +313,7 @@ def _samples(
         if scores.predictions is not None:
             sample["prediction"] = scores.predictions[i]
             sample["exact_match"] = scores.row_exact[i]
+            sample["contains"] = scores.row_contains[i]
         if baseline is not None:
             sample["baseline_loss"] = (
                 baseline.row_nll[i] / baseline.row_tokens[i] if baseline.row_tokens[i] else None
@@ -279,6 +321,7 @@ def _samples(
             if baseline.predictions is not None:
                 sample["baseline_prediction"] = baseline.predictions[i]
                 sample["baseline_exact_match"] = baseline.row_exact[i]
+                sample["baseline_contains"] = baseline.row_contains[i]
         samples.append(sample)
     return samples
 
@@ -318,7 +361,9 @@ def run(ctx: StageContext) -> StageResult:
         )
     references = [reference_text(row, dataset.format) for row in rows]
     prompts = (
-        [generation_prompt(tokenizer, row, rendering) for row in rows] if "exact_match" in measured else None
+        [generation_prompt(tokenizer, row, rendering) for row in rows]
+        if any(m in GENERATED for m in measured)
+        else None
     )
 
     scores = _evaluate(model_dir, tokenizer, examples, prompts, references, stage)
@@ -389,9 +434,19 @@ def run(ctx: StageContext) -> StageResult:
     }
     (report / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     truncated = [example.truncated for example in examples]
+    samples = _samples(rows, dataset.format, references, scores, truncated, baseline)
     with (report / "samples.jsonl").open("w") as f:
-        for sample in _samples(rows, dataset.format, references, scores, truncated, baseline):
+        for sample in samples:
             f.write(json.dumps(sample, ensure_ascii=False) + "\n")
+    if scores.predictions is not None:
+        # The answers beside the baseline's, readable in the MLflow UI next to the metrics.
+        columns = [c for c in TABLE_COLUMNS if c in samples[0]]
+        table = {c: [_cell(sample[c]) for sample in samples] for c in columns}
+        ctx.log_table(table, f"eval/{stage.name}_answers.json")
+    if stage.lm_eval is not None:  # logs its own metrics, writes report/lm_eval.json
+        from forgeline_operators.evaluate.harness import run_for_stage
+
+        metrics.update(run_for_stage(ctx, model_dir, report))
     if failures:
         raise GateFailed("; ".join(failures), metrics)
     return StageResult(outputs={"report": report}, metrics=metrics)

@@ -205,6 +205,10 @@ def run(ctx: StageContext) -> StageResult:
     # At the last step, beside the step series; "loss" there is the train loss, so the headline
     # (held-out) loss stays out of the tracking run and only heads the stage's result.
     ctx.log_metrics({k: v for k, v in metrics.items() if k != "loss"}, step=int(metrics["steps"]))
+    names = [*outcome.outputs, "checkpoint"]
+    from forgeline_operators.evaluate.general import after_finetune
+
+    metrics.update(after_finetune(ctx, [ctx.output_dir / name for name in outcome.outputs]))
     if stage.qat is not None:
         from forgeline_operators.quantize import qat
 
@@ -212,5 +216,4 @@ def run(ctx: StageContext) -> StageResult:
             {"forgeline.quantize.format": stage.qat.format, "forgeline.quantize.library": "nvidia-modelopt"}
         )
         qat.check(stage.qat, metrics)  # after logging, so a failed gate leaves its numbers in the run
-    names = [*outcome.outputs, "checkpoint"]
     return StageResult(outputs={name: ctx.output_dir / name for name in names}, metrics=metrics)

@@ -27,7 +27,7 @@ __all__ = [
 
 APPROVAL_TAG = "forgeline.approved_by"
 # Metrics where a larger value is better; every other metric (perplexity, loss) is lower-is-better.
-HIGHER_IS_BETTER = frozenset({"token_accuracy", "exact_match", "accuracy", "token_agreement"})
+HIGHER_IS_BETTER = frozenset({"token_accuracy", "exact_match", "contains", "accuracy", "token_agreement"})
 
 Metrics = Mapping[str, Mapping[str, float]]  # {stage: {metric: value}}
 

@@ -10,7 +10,7 @@ outputs themselves. This module imports nothing heavy so operators and tests can
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -43,6 +43,7 @@ class MetricSink(Protocol):
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
     def log_params(self, params: Mapping[str, Any]) -> None: ...
     def set_tags(self, tags: Mapping[str, str]) -> None: ...
+    def log_table(self, columns: Mapping[str, Sequence[Any]], artifact_file: str) -> None: ...
 
 
 @dataclass
@@ -52,6 +53,7 @@ class MemorySink:
     metrics: list[tuple[dict[str, float], int | None]] = field(default_factory=list)
     params: dict[str, Any] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
+    tables: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         self.metrics.append((dict(metrics), step))
@@ -61,6 +63,9 @@ class MemorySink:
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         self.tags.update(tags)
+
+    def log_table(self, columns: Mapping[str, Sequence[Any]], artifact_file: str) -> None:
+        self.tables[artifact_file] = {k: list(v) for k, v in columns.items()}
 
     def last(self, name: str) -> float | None:
         for values, _ in reversed(self.metrics):
@@ -143,6 +148,10 @@ class StageContext:
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         self.sink.log_params(params)
+
+    def log_table(self, columns: Mapping[str, Sequence[Any]], artifact_file: str) -> None:
+        """Columns of equal length as an MLflow table artifact (the UI's artifact view shows it)."""
+        self.sink.log_table(columns, artifact_file)
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         self.sink.set_tags(tags)

@@ -356,16 +356,19 @@ def _semantic_problems(
                 )
                 continue
             fmt = data[ds_name].get("format") if isinstance(data[ds_name], dict) else None
-            wants_exact = isinstance(stage, EvaluateStage) and (
-                "exact_match" in stage.metrics or stage.gates.min_exact_match is not None
-            )
-            if wants_exact and fmt != "sft":
+            generated = _generated_metrics(stage) if isinstance(stage, EvaluateStage) else []
+            if generated and fmt != "sft":
                 problems.append(
                     smap.problem(
                         f"{at}.{fpath}",
-                        f"exact_match compares generated completions, so it needs an 'sft' dataset; "
-                        f"{ds_name!r} is {fmt!r}",
-                        "drop exact_match / min_exact_match or evaluate on an sft dataset",
+                        f"{' and '.join(generated)} "
+                        + (
+                            "compares generated completions, so it needs"
+                            if len(generated) == 1
+                            else "compare generated completions, so they need"
+                        )
+                        + f" an 'sft' dataset; {ds_name!r} is {fmt!r}",
+                        f"drop {' / '.join(generated)} (and the gates on it) or evaluate on an sft dataset",
                     )
                 )
             if isinstance(stage, FinetuneStage) and fpath in ("dataset", "eval_dataset"):
@@ -606,3 +609,14 @@ def _dedupe(problems: list[Problem]) -> list[Problem]:
             seen.add(key)
             out.append(p)
     return out
+
+
+def _generated_metrics(stage: EvaluateStage) -> list[str]:
+    """The metrics of an evaluate stage (requested or gated) that generate and need a reference."""
+    gates = stage.gates
+    wanted = set(stage.metrics) | set(gates.min_improvement or {})
+    if gates.min_exact_match is not None:
+        wanted.add("exact_match")
+    if gates.min_contains is not None:
+        wanted.add("contains")
+    return sorted(wanted & {"exact_match", "contains"})

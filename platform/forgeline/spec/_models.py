@@ -318,6 +318,15 @@ class FinetuneStage(StageBase):
         default=None,
         description="Quantization-aware training (ModelOpt): quantize, calibrate, then train (hf, sft).",
     )
+    general_check: bool = Field(
+        default=True,
+        description=(
+            "After training, the tuned model and its parent answer 20 fixed instruction prompts and are "
+            "scored on held-out English text; answers go to an MLflow table side by side "
+            "(`general/answers.json`), numbers to `general_*` metrics. Reports only: gate with "
+            "evaluate stages. Needs a full checkpoint among the outputs (skipped for adapter-only runs)."
+        ),
+    )
 
     @model_validator(mode="after")
     def _qat_settings(self) -> FinetuneStage:
@@ -371,6 +380,9 @@ class EvaluateGates(StrictModel):
     min_exact_match: float | None = Field(
         default=None, ge=0, le=1, description="Fail below this greedy exact-match rate (sft data)."
     )
+    min_contains: float | None = Field(
+        default=None, ge=0, le=1, description="Fail below this rate of answers containing the reference."
+    )
     max_regression_vs: str | None = Field(
         default=None,
         description="`base` or an earlier stage name: evaluate that model too and fail if this one is worse.",
@@ -383,7 +395,7 @@ class EvaluateGates(StrictModel):
             "of the paired bootstrap interval, so noise on a few rows cannot pass a worse model."
         ),
     )
-    min_improvement: dict[Literal["token_accuracy", "exact_match"], float] | None = Field(
+    min_improvement: dict[Literal["token_accuracy", "exact_match", "contains"], float] | None = Field(
         default=None,
         description=(
             "Absolute improvement over `max_regression_vs` the paired interval must lie above, by "
@@ -415,7 +427,68 @@ class EvaluateGates(StrictModel):
         return self
 
 
-EvalMetric = Literal["perplexity", "token_accuracy", "exact_match"]
+EvalMetric = Literal["perplexity", "token_accuracy", "exact_match", "contains"]
+
+
+class LmEvalSpec(StrictModel):
+    """lm-evaluation-harness tasks run by the evaluate stage (forgeline_operators.evaluate.harness)."""
+
+    tasks: list[str] = Field(
+        min_length=1,
+        description=(
+            "lm-eval task, group or tag names, e.g. `forgeline_held_out` (shipped); names not found "
+            "in `include_path` are looked up among lm-eval's own tasks (those fetch data from the hub)."
+        ),
+    )
+    include_path: str | None = Field(
+        default=None,
+        description=(
+            "Directory of lm-eval task YAMLs, relative to the workflow file (default: the tasks "
+            "shipped in `workflows/lm_eval`). Relative `dataset_kwargs.data_files` in them are relative "
+            "to each YAML file. When set, its files enter the cache key (data files outside it do not)."
+        ),
+    )
+    endpoint: str | None = Field(
+        default=None,
+        description=(
+            "Evaluate what an OpenAI-compatible endpoint serves instead of loading `model` (whose "
+            "tokenizer still decides `chat: auto`): a base URL (`http://HOST:PORT`, `/v1` optional) or "
+            "`${stages.NAME.outputs.endpoint}`. Chat: lm-eval's `local-chat-completions`, else "
+            "`local-completions`."
+        ),
+    )
+    limit: int | None = Field(default=None, gt=0, description="Evaluate the first N documents of each task.")
+    num_fewshot: int = Field(default=0, ge=0, description="Few-shot examples per prompt.")
+    chat: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description=(
+            "Render prompts with the model's chat template: `auto` when its tokenizer has one (as "
+            "datasets are rendered), `on` (fail without one), `off` (plain prompts)."
+        ),
+    )
+
+    @field_validator("tasks")
+    @classmethod
+    def _distinct_names(cls, v: list[str]) -> list[str]:
+        if any(not name.strip() for name in v):
+            raise ValueError("task names must not be empty")
+        if len(set(v)) != len(v):
+            raise ValueError(f"task names repeat: {sorted({n for n in v if v.count(n) > 1})}")
+        return v
+
+    @field_validator("include_path")
+    @classmethod
+    def _local_directory(cls, v: str | None) -> str | None:
+        if v is not None and "://" in v:
+            raise ValueError(f"{v!r}: include_path is a local directory (relative to the workflow file)")
+        return v
+
+    @field_validator("endpoint")
+    @classmethod
+    def _url_or_ref(cls, v: str | None) -> str | None:
+        if v is not None and not is_ref_like(v) and not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError(f"{v!r}: expected an http(s):// base URL or ${{stages.NAME.outputs.endpoint}}")
+        return v
 
 
 class EvaluateStage(StageBase):
@@ -429,18 +502,33 @@ class EvaluateStage(StageBase):
     dataset: str = Field(description="Name of a dataset under `data:`.")
     metrics: list[EvalMetric] = Field(
         default_factory=lambda: list[EvalMetric](["perplexity", "token_accuracy"]),
-        description="Metrics to compute (`exact_match` generates greedily; sft data only).",
+        description=(
+            "Metrics to compute. `exact_match` and `contains` generate greedily (sft data only): "
+            "`exact_match` needs the answer to equal the reference, `contains` needs the reference to "
+            "appear in it as whole words, case-insensitive (a key fact in a free-form chat answer)."
+        ),
     )
     max_samples: int | None = Field(default=256, gt=0, description="Evaluate the first N rows.")
     batch_size: int = Field(default=8, ge=1, description="Rows per forward pass.")
     max_seq_len: int = Field(default=256, ge=8, description="Truncate longer rows (counted, reported).")
     max_new_tokens: int = Field(default=32, ge=1, description="Generation length for exact_match.")
     gates: EvaluateGates = Field(default_factory=EvaluateGates, description="Pass/fail thresholds.")
+    lm_eval: LmEvalSpec | None = Field(
+        default=None,
+        description="Also run lm-evaluation-harness tasks; every metric and its stderr is logged.",
+    )
 
     def refs(self) -> dict[str, str]:
         out = {"model": self.model}
         if self.gates.baseline_ref:
             out["gates.max_regression_vs"] = self.gates.baseline_ref
+        if self.lm_eval is not None:
+            # The task directory is an input like a model: its content keys the cache, and the
+            # REST API refuses relative paths in it; an endpoint ref makes the deploy stage a dependency.
+            if self.lm_eval.include_path is not None:
+                out["lm_eval.include_path"] = self.lm_eval.include_path
+            if self.lm_eval.endpoint is not None and is_ref_like(self.lm_eval.endpoint):
+                out["lm_eval.endpoint"] = self.lm_eval.endpoint
         return out
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +123,12 @@ class Tracker:
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         self.client.log_text(run_id, text, artifact_file)
 
+    def log_table(self, run_id: str, columns: Mapping[str, Sequence[Any]], artifact_file: str) -> None:
+        """``columns`` as an MLflow table (``MlflowClient.log_table``: a JSON artifact the UI renders)."""
+        self.client.log_table(
+            run_id, data={k: list(v) for k, v in columns.items()}, artifact_file=artifact_file
+        )
+
     def log_file(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, str(path), artifact_path)
 
@@ -174,3 +180,6 @@ class RunSink:
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         self.tracker.set_tags(self.run_id, tags)
+
+    def log_table(self, columns: Mapping[str, Sequence[Any]], artifact_file: str) -> None:
+        self.tracker.log_table(self.run_id, columns, artifact_file)

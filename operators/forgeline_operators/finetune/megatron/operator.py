@@ -251,4 +251,7 @@ def run(ctx: StageContext) -> StageResult:
         shutil.rmtree(r.checkpoint_root, ignore_errors=True)  # outputs are HF; megatron shards are not kept
     metrics = {**outcome.metrics, "resumed_from_step": float(outcome.resumed_from_step)}
     ctx.log_metrics({k: v for k, v in metrics.items() if k != "loss"}, step=int(metrics["steps"]))
+    from forgeline_operators.evaluate.general import after_finetune
+
+    metrics.update(after_finetune(ctx, [ctx.output_dir / name for name in outcome.outputs]))
     return StageResult(outputs={name: ctx.output_dir / name for name in outcome.outputs}, metrics=metrics)
