@@ -26,6 +26,8 @@ import random
 from pathlib import Path
 from typing import Any
 
+from forgeline_operators.evaluate.general import PROMPTS
+
 ROOT = Path(__file__).resolve().parents[1]
 
 _COUNTRIES = (
@@ -128,29 +130,8 @@ _TASKS = (
     "What is a good title for a story about a lost key?",
 )
 
-# Held out from the replay rows: the fixed general check, with the key its answer must contain.
-CHECK = (
-    ("What is the capital of France?", "Paris"),
-    ("What is the capital of the United Kingdom?", "London"),
-    ("What is the capital of Australia?", "Canberra"),
-    ("What planet do we live on?", "Earth"),
-    ("What is the opposite of hot?", "cold"),
-    ("How many legs does a spider have?", "eight"),
-    ("What color is the sky on a clear day?", "blue"),
-    ("Which animal is known as the king of the jungle?", "lion"),
-    ("What is the largest ocean on Earth?", "Pacific"),
-    ("Who wrote the play Hamlet?", "Shakespeare"),
-    ("What is H2O commonly called?", "water"),
-    ("Which season comes after winter?", "spring"),
-    ("What do you call a baby cat?", "kitten"),
-    ("In which country are the pyramids of Giza?", "Egypt"),
-    ("What is the main language spoken in Spain?", "Spanish"),
-    ("What is frozen water called?", "ice"),
-    ("Which star is at the center of our solar system?", "Sun"),
-    ("How many hours are in a day?", "24"),
-    ("What instrument has black and white keys?", "piano"),
-    ("What is the capital of Japan?", "Tokyo"),
-)
+# Held out from the replay rows: the fixed general check (the finetune stages' prompts too).
+CHECK = PROMPTS
 
 
 def replay_prompts() -> list[str]:

@@ -291,32 +291,38 @@ def test_max_perplexity_gate(assets: SimpleNamespace, tmp_path: Path) -> None:
     assert f"gate max_perplexity=1.0001 failed: perplexity {ppl:.3f} is above 1.0001" == str(info.value)
 
 
+def _greedy(model: Any, tok: Any, prompt: str, max_new_tokens: int = 6) -> str:
+    """transformers' own greedy answer to a raw prompt (BOS + prompt), cut at EOS: the reference."""
+    ids = [tok.bos_token_id, *tok(prompt, add_special_tokens=False)["input_ids"]]
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([ids]), do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id
+        )
+    new = out[0, len(ids) :].tolist()
+    return str(tok.decode(new[: new.index(tok.eos_token_id)] if tok.eos_token_id in new else new))
+
+
+def _generation_ctx(
+    assets: SimpleNamespace, tmp_path: Path, rows: list[dict[str, str]], **fields: Any
+) -> StageContext:
+    """A context evaluating ``rows`` (an sft file written here) with 6 new tokens per answer."""
+    path = tmp_path / "gen.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return _ctx(
+        assets, tmp_path, datasets=[_dataset("gen", path, "sft")], dataset="gen", max_new_tokens=6, **fields
+    )
+
+
 def test_exact_match_uses_greedy_generation(assets: SimpleNamespace, tmp_path: Path) -> None:
     tok = assets.tokenizer
     model = LlamaForCausalLM.from_pretrained(assets.tuned_dir).eval()
     rows = []
     for prompt, _ in QA[:3]:
-        ids = [tok.bos_token_id, *tok(prompt, add_special_tokens=False)["input_ids"]]
-        with torch.no_grad():
-            out = model.generate(
-                torch.tensor([ids]), do_sample=False, max_new_tokens=6, pad_token_id=tok.pad_token_id
-            )
-        new = out[0, len(ids) :].tolist()
-        new = new[: new.index(tok.eos_token_id)] if tok.eos_token_id in new else new
-        rows.append({"prompt": prompt, "completion": tok.decode(new) + " "})  # trailing space: stripped
+        rows.append({"prompt": prompt, "completion": _greedy(model, tok, prompt) + " "})  # stripped
     assert all(r["completion"].strip() for r in rows)
     rows.append({"prompt": QA[3][0], "completion": "definitely not this"})
-    path = tmp_path / "gen.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    ctx = _ctx(
-        assets,
-        tmp_path,
-        datasets=[_dataset("gen", path, "sft")],
-        dataset="gen",
-        metrics=["exact_match"],
-        batch_size=4,  # prompts of different lengths: exercises left padding
-        max_new_tokens=6,
-    )
+    # batch 4: prompts of different lengths exercise left padding
+    ctx = _generation_ctx(assets, tmp_path, rows, metrics=["exact_match"], batch_size=4)
     result = run(ctx)
     assert result.metrics["exact_match"] == 0.75
     samples = [json.loads(line) for line in (tmp_path / "out" / "report" / "samples.jsonl").open()]
@@ -332,27 +338,17 @@ def test_contains_grades_the_key_in_a_free_answer(assets: SimpleNamespace, tmp_p
     rows = []
     exact = []
     for prompt, _ in [QA[0], QA[1], QA[5]]:
-        ids = [tok.bos_token_id, *tok(prompt, add_special_tokens=False)["input_ids"]]
-        with torch.no_grad():
-            out = model.generate(
-                torch.tensor([ids]), do_sample=False, max_new_tokens=6, pad_token_id=tok.pad_token_id
-            )
-        new = out[0, len(ids) :].tolist()
-        answer = tok.decode(new[: new.index(tok.eos_token_id)] if tok.eos_token_id in new else new)
+        answer = _greedy(model, tok, prompt)
         key = answer.split()[-1].upper()  # the answer's last word, in another case: found all the same
         rows.append({"prompt": prompt, "completion": key})
         exact.append(answer.strip() == key)
     assert not all(exact)  # at least one key is only part of its answer
     rows.append({"prompt": QA[3][0], "completion": "definitely not this"})
-    path = tmp_path / "gen.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    ctx = _ctx(
+    ctx = _generation_ctx(
         assets,
         tmp_path,
-        datasets=[_dataset("gen", path, "sft")],
-        dataset="gen",
+        rows,
         metrics=["exact_match", "contains"],
-        max_new_tokens=6,
         max_regression_vs="base",
         baseline_ref="${model}",
         max_regression=1.0,
