@@ -24,6 +24,8 @@ from forgeline_operators.data import encode_rows, generation_prompt, pad_token_i
 
 __all__ = ["PROMPTS", "TEXTS", "after_finetune", "general_check"]
 
+MAX_CHECK_BYTES = 4 * 2**30  # ~1B parameters in fp32: larger models skip the CPU check
+
 # Instruction prompts with the short key a sensible answer contains (graded by ``contains``).
 PROMPTS: tuple[tuple[str, str], ...] = (
     ("What is the capital of France?", "Paris"),
@@ -148,6 +150,18 @@ def after_finetune(ctx: StageContext, outputs: Sequence[Path]) -> dict[str, floa
     parent = ctx.input_path(stage.base)
     if tuned is None or not (parent / "config.json").is_file():
         ctx.logger.info("general check skipped: no full checkpoint among the outputs or the parent")
+        return {}
+    weights = sum(f.stat().st_size for f in tuned.glob("*.safetensors")) + sum(
+        f.stat().st_size for f in tuned.glob("*.bin")
+    )
+    if weights > MAX_CHECK_BYTES:
+        # Both models load in fp32 on the CPU here: for a large model that is minutes and tens of GiB.
+        ctx.logger.info(
+            "general check skipped: %.1f GiB of weights (the check loads both models in fp32 on CPU; "
+            "above %.0f GiB use an evaluate stage instead)",
+            weights / 2**30,
+            MAX_CHECK_BYTES / 2**30,
+        )
         return {}
     parent_tok = AutoTokenizer.from_pretrained(str(parent))
     if parent_tok.get_vocab() != AutoTokenizer.from_pretrained(str(tuned)).get_vocab():

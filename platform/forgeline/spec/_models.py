@@ -324,7 +324,8 @@ class FinetuneStage(StageBase):
             "After training, the tuned model and its parent answer 20 fixed instruction prompts and are "
             "scored on held-out English text; answers go to an MLflow table side by side "
             "(`general/answers.json`), numbers to `general_*` metrics. Reports only: gate with "
-            "evaluate stages. Needs a full checkpoint among the outputs (skipped for adapter-only runs)."
+            "evaluate stages. Runs on CPU in fp32: skipped for adapter-only outputs and above 4 GiB of "
+            "weights."
         ),
     )
 
