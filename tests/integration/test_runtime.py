@@ -127,9 +127,14 @@ def test_failed_stage_marks_runs_and_stops_dependents(tmp_path: Path, home: Path
     assert "progress line printed by a library" in log_text  # stdout is captured too
     assert "always fails" in log_text
     assert children["after"].data.tags[TAG_STATE] == "skipped"  # type: ignore[attr-defined]
-    # The stages that finished are kept: a rerun with a fixed operator runs only r and after.
+    # The stages that finished are kept: a rerun with a fixed operator runs r, after, and only those
+    # others the failure stopped before they started (an independent stage such as d2 may or may not
+    # have been scheduled before r failed, depending on timing).
+    finished = {name for name, s in summary.stages.items() if s.state == "succeeded"}
+    assert {"a", "c"} <= finished
     fixed = run(wf, home, kinds={"register": "version"})
-    assert calls(tmp_path) == ["after", "r"]
+    rerun = calls(tmp_path)
+    assert {"after", "r"} <= set(rerun) and not set(rerun) & finished, (rerun, finished)
     assert fixed.stages["r"].record.outputs["version"]["value"] == 1  # type: ignore[union-attr]
 
 

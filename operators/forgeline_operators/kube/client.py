@@ -139,11 +139,12 @@ class Kube:
     def has_api(self, group_version: str, kind: str) -> bool:
         """Whether the server serves ``kind`` in ``group_version`` (e.g. ``autoscaling/v2``,
         ``HorizontalPodAutoscaler``); discovery is refreshed once on a miss (a CRD just installed)."""
-        from kubernetes.dynamic.exceptions import ResourceNotFoundError
+        from kubernetes.dynamic.exceptions import NotFoundError, ResourceNotFoundError
 
         try:
             self.resource(group_version, kind)
-        except ResourceNotFoundError:
+        except (ResourceNotFoundError, NotFoundError):
+            # NotFoundError: the group is still listed but its version 404s (a CRD being deleted).
             return False
         return True
 

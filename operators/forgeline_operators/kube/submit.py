@@ -94,13 +94,22 @@ def submission(
 
 def submit(kube: Kube, objects: list[dict[str, Any]]) -> dict[str, Any]:
     """Apply the submission; returns the RayJob as stored. KubeRay must be installed."""
+    from kubernetes.dynamic.exceptions import NotFoundError
+
+    no_kuberay = SubmitError(
+        "this cluster has no KubeRay (ray.io/v1 RayJob is not served): install the KubeRay operator "
+        "(helm install kuberay-operator kuberay/kuberay-operator), or render the objects with "
+        "`forgeline render FILE --on kubernetes` for later"
+    )
     if not kube.has_api("ray.io/v1", "RayJob"):
-        raise SubmitError(
-            "this cluster has no KubeRay (ray.io/v1 RayJob is not served): install the KubeRay operator "
-            "(helm install kuberay-operator kuberay/kuberay-operator), or render the objects with "
-            "`forgeline render FILE --on kubernetes` for later"
-        )
+        raise no_kuberay
     out: dict[str, Any] = {}
     for obj in objects:
-        out = kube.apply(obj)
+        try:
+            out = kube.apply(obj)
+        except NotFoundError:
+            # Discovery can still list a CRD that was just deleted (seen in CI): the apply then 404s.
+            if obj.get("apiVersion", "").startswith("ray.io/"):
+                raise no_kuberay from None
+            raise
     return out
