@@ -93,14 +93,17 @@ def _answers_and_scores(
 
 
 def general_check(
-    ctx: StageContext, tuned_dir: Path, parent_dir: Path, *, max_new_tokens: int = 32
+    ctx: StageContext, tuned_dir: Path, parent_dir: Path, *, max_new_tokens: int = 32, tokenizer: Any = None
 ) -> dict[str, float]:
-    """Answers and held-out perplexity of the tuned model and its parent; logged, and returned."""
+    """Answers and held-out perplexity of the tuned model and its parent; logged, and returned.
+
+    ``tokenizer`` is the tuned model's (loaded from ``tuned_dir`` when not given); both models are fed
+    its token ids, so their tokenizers must agree (:func:`after_finetune` checks)."""
     import math
 
     from forgeline_operators.evaluate.operator import contains
 
-    tokenizer = AutoTokenizer.from_pretrained(str(tuned_dir))
+    tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(tuned_dir))
     rendering = resolve_rendering(tokenizer, "auto")
     prompts = [generation_prompt(tokenizer, {"prompt": p, "completion": k}, rendering) for p, k in PROMPTS]
     examples = encode_rows(tokenizer, [{"text": t} for t in TEXTS], "text", 256).examples
@@ -151,9 +154,7 @@ def after_finetune(ctx: StageContext, outputs: Sequence[Path]) -> dict[str, floa
     if tuned is None or not (parent / "config.json").is_file():
         ctx.logger.info("general check skipped: no full checkpoint among the outputs or the parent")
         return {}
-    weights = sum(f.stat().st_size for f in tuned.glob("*.safetensors")) + sum(
-        f.stat().st_size for f in tuned.glob("*.bin")
-    )
+    weights = sum(f.stat().st_size for pattern in ("*.safetensors", "*.bin") for f in tuned.glob(pattern))
     if weights > MAX_CHECK_BYTES:
         # Both models load in fp32 on the CPU here: for a large model that is minutes and tens of GiB.
         ctx.logger.info(
@@ -163,9 +164,9 @@ def after_finetune(ctx: StageContext, outputs: Sequence[Path]) -> dict[str, floa
             MAX_CHECK_BYTES / 2**30,
         )
         return {}
-    parent_tok = AutoTokenizer.from_pretrained(str(parent))
-    if parent_tok.get_vocab() != AutoTokenizer.from_pretrained(str(tuned)).get_vocab():
+    tokenizer = AutoTokenizer.from_pretrained(str(tuned))
+    if AutoTokenizer.from_pretrained(str(parent)).get_vocab() != tokenizer.get_vocab():
         ctx.logger.warning("general check skipped: the parent's tokenizer differs from the tuned model's")
         return {}
     torch.set_num_threads(ctx.threads)
-    return general_check(ctx, tuned, parent)
+    return general_check(ctx, tuned, parent, tokenizer=tokenizer)
