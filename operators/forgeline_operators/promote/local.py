@@ -18,6 +18,7 @@ to an fp32 IR once, cached under the live directory).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -53,6 +54,7 @@ __all__ = [
 ]
 
 _STATE = "state.json"
+_SOURCE_MARKER = "forgeline-source.txt"  # in a version directory: the source it was made from
 _KEEP_VERSIONS = 3  # version directories kept on disk (current + recent ones, for a fast rollback)
 
 
@@ -90,7 +92,7 @@ def _running(home: Path, name: str, repo: Path) -> EndpointRecord | None:
 
 
 def _engine_for(source: Path, cache: Path, threads: int) -> Path:
-    """The OpenVINO IR of a version: the source itself, or its fp32 export (cached by version dir)."""
+    """The OpenVINO IR of a version: the source itself, or its fp32 export (cached by source path)."""
     # Imported here: it pulls in the runtime, which `forgeline endpoints` (serving_state) never needs.
     from forgeline_operators.serve.export import openvino_engine
 
@@ -118,16 +120,28 @@ def _write_atomic(path: Path, text: str) -> None:
 def _stage_version(
     live: Path, model: str, version: int, source: Path, scheduler: SchedulerSpec, threads: int
 ) -> str:
-    """Write ``<model>/<version>/`` (if missing); return the config.pbtxt pinned to that version."""
+    """Write ``<model>/<version>/`` (unless it already holds ``source``); return the config.pbtxt
+    pinned to that version.
+
+    Triton names versions by number only, and a number can come back with other weights (another
+    registered model promoted to the same endpoint, a registry started afresh): so the version
+    directory and the engine cache record the source they were made from, and a mismatch rebuilds.
+    """
     repo = live / "repository"
     target = repo / model / str(version)
+    origin = str(source.resolve())
+    key = hashlib.sha256(origin.encode()).hexdigest()[:16]
     with tempfile.TemporaryDirectory(prefix="forgeline-live-", dir=live) as tmp:
-        engine = _engine_for(source, live / "engines" / str(version), threads)
+        engine = _engine_for(source, live / "engines" / key, threads)
         built = build_openvino_repository(
             Path(tmp) / "repo", engine, OpenvinoModelSpec(name=model, scheduler=scheduler, threads=threads)
         )
         config = (built / model / "config.pbtxt").read_text()
+        marker = target / _SOURCE_MARKER
+        if target.exists() and (not marker.is_file() or marker.read_text() != origin):
+            shutil.rmtree(target)  # the same number made from other weights: replace it
         if not target.exists():
+            (built / model / "1" / _SOURCE_MARKER).write_text(origin)
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(built / model / "1", target)
         if not (repo / MANIFEST).exists():
