@@ -16,7 +16,8 @@ def operator_specs() -> list[OperatorSpec]:
         OperatorSpec(
             kind="evaluate",
             entrypoint="forgeline_operators.evaluate.operator:run",
-            version="2",  # 2: chat-template rendering of prompt/completion rows; paired intervals
+            # 2: chat-template rendering, paired intervals; 3: per-row sums + eval-set digest (promotion)
+            version="3",
             capabilities=Capabilities(cpu=True, gpu=True),
             description="Perplexity, token accuracy and exact match with transformers; gates.",
         ),
@@ -146,6 +147,7 @@ def operator_specs() -> list[OperatorSpec]:
             entrypoint="forgeline_operators.promote.operator:run",
             version="1",
             capabilities=Capabilities(cpu=True, gpu=True),
+            cache_check="forgeline_operators.promote.operator:cache_check",
             description=(
                 "Gates (metrics vs production/parent, quantization delta, SLO benchmark, approval), then "
                 "the production endpoint switches to the version and the alias moves."

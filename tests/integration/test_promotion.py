@@ -191,4 +191,13 @@ def test_quickstart_twice_promote_under_load_rollback_and_blocked_gate(
         "quantization",
         "slo",
     }
+    # Both versions carry eval-tuned's per-row scores on the same rows: v2 vs v1 is a paired comparison.
+    by_name = {g["name"]: g for g in promoted["gates"]}
+    paired = by_name["metric:token_accuracy:vs_production"]
+    assert paired["inputs"]["paired_rows"] > 0, paired
+    assert "paired interval of the regression" in paired["message"], paired
+    assert "regression_ci" in by_name["metric:perplexity:vs_parent"]["inputs"]
+    tags = client.get_model_version(MODEL, "2").tags
+    assert tags["forgeline.eval.eval-tuned.rows"].startswith("file://")
+    assert len(tags["forgeline.eval.eval-tuned.set"]) == 64
     print(f"promotion v1->v2 under load: {promoted['duration_s']:.1f}s, {load.ok} requests, 0 failed")

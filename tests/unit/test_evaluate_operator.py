@@ -12,6 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -22,6 +23,7 @@ from forgeline.runtime.context import DatasetInput, GateFailed, MemorySink, Oper
 from forgeline_operators.data import IGNORE_INDEX, encode_row, generation_prompt
 from forgeline_operators.evaluate import run
 from forgeline_operators.evaluate.operator import contains
+from forgeline_operators.lib.intervals import read_rows
 
 torch.set_num_threads(1)
 
@@ -204,6 +206,24 @@ def test_report_and_logged_metrics(assets: SimpleNamespace, tmp_path: Path) -> N
     assert ctx.sink.last("perplexity") == result.metrics["perplexity"]
 
 
+def _eval_set(result: Any) -> str:
+    return str(json.loads((result.outputs["report"] / "metrics.json").read_text())["eval_set_sha256"])
+
+
+def test_per_row_sums_reproduce_the_metrics_and_the_eval_set_names_the_rows(
+    assets: SimpleNamespace, tmp_path: Path
+) -> None:
+    """What a promotion pairs on: the report's per-row sums give back the stage's own metrics, and
+    the eval-set digest depends on the rows scored, not on how they were batched."""
+    one = run(_ctx(assets, tmp_path / "a", batch_size=1))
+    rows = read_rows(one.outputs["report"] / "samples.jsonl")
+    point = rows.values(np.arange(len(rows.nll))[None, :])
+    assert point["perplexity"][0] == pytest.approx(one.metrics["perplexity"], rel=1e-9)
+    assert point["token_accuracy"][0] == pytest.approx(one.metrics["token_accuracy"], rel=1e-12)
+    assert _eval_set(run(_ctx(assets, tmp_path / "b", batch_size=4))) == _eval_set(one)
+    assert _eval_set(run(_ctx(assets, tmp_path / "c", max_samples=2))) != _eval_set(one)
+
+
 def test_text_format_grades_every_token(assets: SimpleNamespace, tmp_path: Path) -> None:
     m = run(_ctx(assets, tmp_path, dataset="corpus")).metrics
     tok = assets.tokenizer
@@ -328,6 +348,8 @@ def test_exact_match_uses_greedy_generation(assets: SimpleNamespace, tmp_path: P
     samples = [json.loads(line) for line in (tmp_path / "out" / "report" / "samples.jsonl").open()]
     assert [s["exact_match"] for s in samples] == [True, True, True, False]
     assert samples[0]["prediction"].strip() == rows[0]["completion"].strip()
+    per_row = read_rows(tmp_path / "out" / "report" / "samples.jsonl")
+    assert per_row.exact is not None and per_row.exact.mean() == 0.75
 
 
 def test_contains_grades_the_key_in_a_free_answer(assets: SimpleNamespace, tmp_path: Path) -> None:

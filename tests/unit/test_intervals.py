@@ -10,7 +10,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from forgeline_operators.data import IGNORE_INDEX, encode_row, generation_prompt, resolve_rendering
-from forgeline_operators.evaluate.intervals import RowStats, paired_bootstrap
+from forgeline_operators.lib.intervals import RowStats, paired_bootstrap
 
 TINY = Path(__file__).resolve().parents[2] / "operators/forgeline_operators/models/tiny_llama"
 

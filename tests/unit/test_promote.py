@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from forgeline.spec._models import MetricGate, PromotionGates, QuantizationGate, SloGate
@@ -18,6 +19,7 @@ from forgeline.tracking import (
     register_version,
     resolve_settings,
 )
+from forgeline_operators.lib.intervals import RowStats
 from forgeline_operators.promote import gates as g
 from forgeline_operators.promote import service
 
@@ -28,8 +30,10 @@ def _uri(home: Path) -> str:
     return resolve_settings(None, "", home).uri
 
 
-def _register(home: Path, metrics: dict[str, float], alias: str = "candidate") -> int:
-    tags = {"forgeline.sha256": "0" * 64}
+def _register(
+    home: Path, metrics: dict[str, float], alias: str = "candidate", extra: dict[str, str] | None = None
+) -> int:
+    tags = {"forgeline.sha256": "0" * 64, **(extra or {})}
     tags |= {f"forgeline.metric.{k}": repr(v) for k, v in metrics.items()}
     src = home / "weights"
     src.mkdir(exist_ok=True)
@@ -88,6 +92,123 @@ def test_quantization_and_slo_and_approval_gates() -> None:
     assert g.approval_gate({g.APPROVAL_TAG: "alice"}).passed
 
 
+def _rows(exact: list[int], nll: list[float] | None = None) -> RowStats:
+    n = len(exact)
+    losses = np.asarray(nll if nll is not None else [2.0] * n)
+    return RowStats(
+        nll=losses * 4,
+        tokens=np.full(n, 4.0),
+        correct=np.full(n, 2.0),
+        exact=np.asarray(exact, dtype=float),
+        contains=np.asarray(exact, dtype=float),
+    )
+
+
+def test_metric_gate_vs_production_pairs_the_rows_and_holds_the_worst_end() -> None:
+    """Same point values as a tag comparison, but the verdict comes from the paired interval: a
+    candidate that swaps answers with production (equal means) is within 10 % at the point value yet
+    its interval's worst end is not; one that keeps every production answer and adds two passes."""
+    prod_rows = _rows([1] * 10 + [0] * 10)
+    swapped = _rows([0] * 3 + [1] * 7 + [1] * 3 + [0] * 7)  # same 0.5 mean, 6 rows differ
+    gate = MetricGate(stage="eval", metric="exact_match", max_regression=0.1)
+    tags = {"eval": {"exact_match": 0.5}}
+    same = "a" * 64
+    res = g.metric_gate(
+        gate,
+        tags,
+        tags,
+        4,
+        {"eval": g.StageRows(same, swapped)},
+        {"eval": g.StageRows(same, prod_rows)},
+    )
+    assert not res.passed
+    assert "paired interval of the regression [" in res.message and "20 rows" in res.message
+    assert "worst end is beyond the allowed 10.00%" in res.message
+    low, high = res.inputs["regression_ci"]
+    assert low < 0 < 0.1 < high and res.inputs["paired_rows"] == 20
+
+    better = _rows([1] * 12 + [0] * 8)
+    ok = g.metric_gate(
+        gate,
+        {"eval": {"exact_match": 0.6}},
+        tags,
+        4,
+        {"eval": g.StageRows(same, better)},
+        {"eval": g.StageRows(same, prod_rows)},
+    )
+    assert ok.passed and ok.inputs["candidate"] == 0.6 and ok.inputs["regression_ci"][1] <= 0
+
+
+def test_metric_gate_refuses_different_eval_sets_and_says_when_it_is_unpaired() -> None:
+    gate = MetricGate(stage="eval", metric="perplexity", max_regression=0.5)
+    tags = {"eval": {"perplexity": 7.0}}
+    rows = _rows([1, 0, 1, 0])
+    other = g.metric_gate(
+        gate, tags, tags, 2, {"eval": g.StageRows("a" * 64, rows)}, {"eval": g.StageRows("b" * 64, rows)}
+    )
+    assert not other.passed and "not comparable with production version 2" in other.message
+    assert "different evaluation sets" in other.message and "vs: parent" in other.message
+
+    gone = g.StageRows("a" * 64, missing="its per-row scores /x/samples.jsonl are gone")
+    point = g.metric_gate(gate, tags, tags, 2, {"eval": g.StageRows("a" * 64, rows)}, {"eval": gone})
+    assert point.passed
+    assert "(point values: production version 2: its per-row scores /x/samples.jsonl are gone)" in (
+        point.message
+    )
+    legacy = g.metric_gate(gate, tags, tags, 2)
+    assert legacy.passed and "(point values: the candidate: no per-row scores of 'eval')" in legacy.message
+    quant = g.metric_gate(
+        MetricGate(stage="q", metric="perplexity_increase", max_regression=1.0),
+        {"q": {"perplexity_increase": 0.01}},
+        {"q": {"perplexity_increase": 0.01}},
+        2,
+    )
+    assert "'perplexity_increase' has no per-row scores" in quant.message
+
+
+def test_metric_gate_vs_parent_uses_the_evaluate_stages_interval() -> None:
+    cand = {
+        "eval": {
+            "exact_match": 0.80,
+            "baseline_exact_match": 0.82,
+            "exact_match_regression_ci_low": -0.05,
+            "exact_match_regression_ci_high": 0.12,
+        }
+    }
+    point_ok = g.metric_gate(
+        MetricGate(metric="exact_match", vs="parent", max_regression=0.05), cand, None, None
+    )
+    # 2.4 % worse at the point value, but the stage's interval reaches 12 %: blocked.
+    assert not point_ok.passed and "[-5.00%, +12.00%]" in point_ok.message
+    wide = g.metric_gate(MetricGate(metric="exact_match", vs="parent", max_regression=0.15), cand, None, None)
+    assert wide.passed and wide.inputs["regression_ci"] == [-0.05, 0.12]
+
+
+def test_version_rows_reads_the_registered_samples_and_says_when_they_are_gone(tmp_path: Path) -> None:
+    samples = tmp_path / "samples.jsonl"
+    lines = [
+        {"index": 0, "tokens": 4, "nll": 8.0, "correct": 3, "exact_match": True, "contains": True},
+        {"index": 1, "tokens": 2, "nll": 2.0, "correct": 1, "exact_match": False, "contains": True},
+    ]
+    samples.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    legacy = tmp_path / "legacy.jsonl"
+    legacy.write_text(json.dumps({"index": 0, "tokens": 4, "loss": 2.0}) + "\n")
+    tags = {
+        "forgeline.eval.eval.rows": samples.as_uri(),
+        "forgeline.eval.eval.set": "d" * 64,
+        "forgeline.eval.old.rows": legacy.as_uri(),
+        "forgeline.eval.gone.rows": (tmp_path / "nope.jsonl").as_uri(),
+    }
+    rows = g.version_rows(tags)
+    got = rows["eval"].rows
+    assert rows["eval"].eval_set == "d" * 64 and got is not None
+    point = got.values(np.arange(2)[None, :])
+    assert point["loss"][0] == pytest.approx(10.0 / 6) and point["token_accuracy"][0] == pytest.approx(4 / 6)
+    assert point["exact_match"][0] == 0.5 and point["contains"][0] == 1.0
+    assert rows["old"].rows is None and "no per-row sums" in str(rows["old"].missing)
+    assert rows["gone"].rows is None and "are gone" in str(rows["gone"].missing)
+
+
 # ------------------------------------------------------------------------------------- service
 
 
@@ -135,6 +256,31 @@ def test_promote_moves_aliases_records_history_and_rolls_back(home: Path) -> Non
     assert hist[1].gates[0]["inputs"]["candidate"] == 0.2
 
 
+def test_promotion_pairs_the_candidate_with_production_from_their_tags(home: Path, tmp_path: Path) -> None:
+    """The service reads both versions' per-row files from their tags: a candidate 5 % worse at the
+    point value passes a 10 % tag comparison but not the paired one."""
+    uri = _uri(home)
+
+    def samples(name: str, exact: list[int]) -> dict[str, str]:
+        path = tmp_path / f"{name}.jsonl"
+        rows = [
+            {"index": i, "tokens": 4, "nll": 8.0, "correct": 2, "exact_match": bool(e), "contains": bool(e)}
+            for i, e in enumerate(exact)
+        ]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return {"forgeline.eval.eval.rows": path.as_uri(), "forgeline.eval.eval.set": "e" * 64}
+
+    gates = PromotionGates(metrics=[MetricGate(metric="exact_match", stage="eval", max_regression=0.1)])
+    prod = [1] * 20 + [0] * 20
+    _register(home, {"eval.exact_match": 0.5}, extra=samples("v1", prod))
+    service.promote(home, uri, NAME, gates=gates, actor="alice")
+    cand = [0] * 4 + [1] * 16 + [1] * 3 + [0] * 17  # 0.475: 5 % worse, 7 rows differ
+    v2 = _register(home, {"eval.exact_match": 0.475}, extra=samples("v2", cand))
+    with pytest.raises(service.GateFailed) as blocked:
+        service.promote(home, uri, NAME, version=v2, gates=gates, actor="bob")
+    assert "paired interval of the regression" in str(blocked.value) and "40 rows" in str(blocked.value)
+
+
 def test_approval_gate_blocks_until_approved(home: Path) -> None:
     uri = _uri(home)
     v1 = _register(home, {})
@@ -165,3 +311,60 @@ def test_unknown_version_and_alias_are_clear_errors(home: Path) -> None:
         service.promote(home, uri, NAME, from_alias="staging", actor="bob")
     with pytest.raises(service.PromotionError, match="no 'production' version to roll back"):
         service.rollback(home, uri, NAME, actor="bob")
+
+
+def test_cached_promotion_reruns_only_to_bring_back_a_stopped_production_endpoint(home: Path) -> None:
+    """The promote stage's cache check: an endpoint that is gone while the alias still names the
+    version makes the stage run again; once the alias moved (a later rollback), the record stays."""
+    from forgeline.artifacts import StageRecord
+    from forgeline_operators.promote.operator import cache_check
+
+    uri = _uri(home)
+    tracker = Tracker(uri)
+    v1 = _register(home, {})
+    service.promote(home, uri, NAME, actor="alice")
+    run_id = tracker.start_run(tracker.client.create_experiment("wf"), "promote", {})
+    tracker.log_all(run_id, params={"registered_name": NAME, "to_alias": "production"})
+    url = "http://127.0.0.1:1"  # no endpoint of this home runs there
+    record = StageRecord(
+        key="k",
+        path=home,
+        digest="d",
+        outputs={"version": {"type": "value", "value": v1}, "endpoint": {"type": "value", "value": url}},
+        meta={"run_id": run_id},
+    )
+    reason = cache_check(record, home, uri)
+    assert reason == f"{NAME}@production is still version {v1}, but its endpoint {url} is no longer running"
+
+    v2 = _register(home, {})
+    service.promote(home, uri, NAME, version=v2, actor="alice")  # production moved on: keep the event
+    assert cache_check(record, home, uri) is None
+    no_endpoint = StageRecord(
+        key="k", path=home, digest="d", outputs={"version": {"type": "value", "value": v2}}
+    )
+    assert cache_check(no_endpoint, home, uri) is None
+
+
+def test_a_version_number_back_with_other_weights_is_restaged(tmp_path: Path) -> None:
+    """Triton names versions by number: version 1 of another registered model (or of a fresh
+    registry) promoted to the same endpoint must replace the old directory, not be served stale."""
+    from forgeline.spec._models import SchedulerSpec
+    from forgeline_operators.promote.local import _stage_version
+
+    def ir(name: str) -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        (path / "openvino_model.xml").write_text(f"<net name='{name}'/>")
+        (path / "openvino_tokenizer.xml").write_text("<net/>")
+        return path
+
+    live = tmp_path / "live"
+    live.mkdir()
+    served = live / "repository" / "m" / "1" / "engine" / "openvino_model.xml"
+    config = _stage_version(live, "m", 1, ir("tiny"), SchedulerSpec(), 1)
+    assert "versions: [ 1 ]" in config and "tiny" in served.read_text()
+    _stage_version(live, "m", 1, ir("smollm2"), SchedulerSpec(), 1)
+    assert "smollm2" in served.read_text()
+    before = served.stat().st_ino
+    _stage_version(live, "m", 1, tmp_path / "smollm2", SchedulerSpec(), 1)
+    assert served.stat().st_ino == before  # the same source again: kept, not rebuilt

@@ -6,9 +6,9 @@ each model in turn, so a baseline comparison is made on identical tokens. Scorin
 teacher-forced pass in fp32 (``loss``, ``perplexity``, ``token_accuracy`` over graded tokens);
 ``exact_match`` (the answer equals the reference) and ``contains`` (the reference appears in the answer
 as whole words, case-insensitive: a key fact in a free-form chat answer) grade greedy generation from
-each sft row's prompt. A comparison is paired: the same
-bootstrap resamples of the rows for both models (:mod:`.intervals`), and a regression gate holds only
-at the interval's worst end. Metrics are logged and the report written before gates are checked, so
+each sft row's prompt. A comparison is paired: the same bootstrap resamples of the rows for both
+models (:mod:`forgeline_operators.lib.intervals`), and a regression gate holds only at the interval's
+worst end. Metrics are logged and the report written before gates are checked, so
 a failed gate still leaves its numbers in the tracking run.
 """
 
@@ -39,7 +39,7 @@ from forgeline_operators.data import (
     reference_text,
     resolve_rendering,
 )
-from forgeline_operators.evaluate.intervals import Interval, RowStats, paired_bootstrap
+from forgeline_operators.lib.intervals import Interval, RowStats, eval_set_digest, paired_bootstrap
 
 __all__ = ["Scores", "run", "score_examples"]
 
@@ -307,6 +307,10 @@ def _samples(
             "prompt": prompt,
             "reference": references[i],
             "tokens": scores.row_tokens[i],
+            # Sums, not only the mean: a later comparison (promotion vs production) recomputes every
+            # teacher-forced metric from them on resampled rows (lib.intervals.read_rows).
+            "nll": scores.row_nll[i],
+            "correct": scores.row_correct[i],
             "loss": scores.row_nll[i] / scores.row_tokens[i] if scores.row_tokens[i] else None,
             "truncated": truncated[i],
         }
@@ -324,6 +328,19 @@ def _samples(
                 sample["baseline_contains"] = baseline.row_contains[i]
         samples.append(sample)
     return samples
+
+
+def _eval_set(examples: Sequence[Example], prompts: Sequence[list[int]] | None, stage: Any) -> str:
+    """What two evaluations must share to be compared row by row: the scored token ids and graded
+    labels (so the rows, their rendering and the tokenizer), the generation prompts and how much is
+    generated. Promotion pairs a candidate with production only when these digests are equal."""
+    return eval_set_digest(
+        [
+            [[e.input_ids, e.labels] for e in examples],
+            prompts,
+            stage.max_new_tokens if prompts is not None else None,
+        ]
+    )
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -408,6 +425,8 @@ def run(ctx: StageContext) -> StageResult:
         baseline, intervals = None, {}
 
     ctx.log_metrics(metrics)
+    eval_set = _eval_set(examples, prompts, stage)
+    ctx.log_params({"eval_set_sha256": eval_set})
     failures = _gate_failures(stage, metrics, intervals)
     report = ctx.output_dir / "report"
     report.mkdir(parents=True, exist_ok=True)
@@ -429,6 +448,7 @@ def run(ctx: StageContext) -> StageResult:
             "confidence": gates.confidence,
             "bootstrap_samples": gates.bootstrap_samples,
         },
+        "eval_set_sha256": eval_set,
         "metrics": metrics,
         "gates": {"passed": not failures, "failures": failures},
     }

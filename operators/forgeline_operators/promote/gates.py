@@ -4,6 +4,14 @@ The evidence is what a version carries (its ``forgeline.metric.<stage>.<metric>`
 register stage), the current production version's tags, a load report of a candidate endpoint, and
 the approval tag. Each result keeps its inputs, so the promotion record and the version's tags show
 the numbers a decision was made on, and a blocked promotion's message states them.
+
+A metric gate compares like with like where it can: vs production, when both versions carry the
+evaluate stage's per-row scores (:class:`StageRows`) on the same evaluation set, it bootstraps the
+rows pairwise and holds ``max_regression`` at the interval's worst end, as the evaluate stage's own
+gates do; two different evaluation sets are refused, not compared. vs the parent, it reads the
+interval the evaluate stage computed on identical tokens. Without per-row scores (a version
+registered before they were recorded, or a metric such as a quantization delta) it compares point
+values and says so in its message.
 """
 
 from __future__ import annotations
@@ -11,25 +19,38 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 from forgeline.spec._models import MetricGate, QuantizationGate, SloGate
+from forgeline.tracking import TAG_EVAL_PREFIX
+from forgeline_operators.lib.intervals import ROW_METRICS, RowStats, paired_bootstrap, read_rows, regression
 
 __all__ = [
     "APPROVAL_TAG",
     "GateResult",
+    "StageRows",
     "approval_gate",
     "metric_gate",
     "quantization_gate",
     "regression",
     "slo_gate",
+    "version_rows",
 ]
 
 APPROVAL_TAG = "forgeline.approved_by"
-# Metrics where a larger value is better; every other metric (perplexity, loss) is lower-is-better.
-HIGHER_IS_BETTER = frozenset({"token_accuracy", "exact_match", "contains", "accuracy", "token_agreement"})
 
 Metrics = Mapping[str, Mapping[str, float]]  # {stage: {metric: value}}
+
+
+@dataclass(frozen=True)
+class StageRows:
+    """One version's per-row scores from one evaluate stage, or why it has none (``missing``)."""
+
+    eval_set: str | None = None
+    rows: RowStats | None = None
+    missing: str | None = None
 
 
 @dataclass(frozen=True)
@@ -41,15 +62,6 @@ class GateResult:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def regression(metric: str, value: float, reference: float) -> float:
-    """Relative change for the worse (negative when better); 0 when the reference is 0."""
-    if reference == 0:
-        return 0.0 if value == reference else (math.inf if metric not in HIGHER_IS_BETTER else 0.0)
-    if metric in HIGHER_IS_BETTER:
-        return (reference - value) / abs(reference)
-    return (value - reference) / abs(reference)
 
 
 def _find(metrics: Metrics, metric: str, stage: str | None) -> tuple[str, float] | str:
@@ -68,8 +80,14 @@ def _find(metrics: Metrics, metric: str, stage: str | None) -> tuple[str, float]
 
 
 def metric_gate(
-    gate: MetricGate, candidate: Metrics, production: Metrics | None, production_version: int | None
+    gate: MetricGate,
+    candidate: Metrics,
+    production: Metrics | None,
+    production_version: int | None,
+    candidate_rows: Mapping[str, StageRows] | None = None,
+    production_rows: Mapping[str, StageRows] | None = None,
 ) -> GateResult:
+    """``*_rows``: each version's per-row scores by evaluate stage (:func:`version_rows`)."""
     name = f"metric:{gate.metric}:vs_{gate.vs}"
     found = _find(candidate, gate.metric, gate.stage)
     if isinstance(found, str):
@@ -82,7 +100,8 @@ def metric_gate(
         "max_regression": gate.max_regression,
     }
     if gate.vs == "parent":
-        base = candidate.get(stage, {}).get(f"baseline_{gate.metric}")
+        values = candidate.get(stage, {})
+        base = values.get(f"baseline_{gate.metric}")
         if base is None:
             return GateResult(
                 name,
@@ -90,6 +109,15 @@ def metric_gate(
                 f"stage {stage!r} measured no parent baseline for {gate.metric!r} (give the evaluate stage "
                 "`gates: {max_regression_vs: base}` so it measures the parent too)",
                 inputs,
+            )
+        low = values.get(f"{gate.metric}_regression_ci_low")
+        high = values.get(f"{gate.metric}_regression_ci_high")
+        if low is not None and high is not None:
+            # The evaluate stage's own paired interval (same tokens for both models, its confidence).
+            worse = regression(gate.metric, value, float(base))
+            inputs |= {"reference": float(base), "regression": worse, "regression_ci": [low, high]}
+            return _verdict(
+                name, gate, stage, value, float(base), "the parent", worse, (low, high), inputs, ""
             )
         reference, label = float(base), "the parent"
     else:
@@ -105,15 +133,116 @@ def metric_gate(
             )
         reference, label = float(ref), f"production (version {production_version})"
         inputs["production_version"] = production_version
+        paired = _paired(
+            gate,
+            stage,
+            (candidate_rows or {}).get(stage),
+            (production_rows or {}).get(stage),
+            production_version,
+            inputs,
+        )
+        if isinstance(paired, GateResult):
+            return paired
+        if paired is not None:
+            (value, reference, worse, ci, rows) = paired
+            inputs |= {"candidate": value, "reference": reference, "regression": worse}
+            inputs |= {"regression_ci": list(ci), "paired_rows": rows}
+            return _verdict(name, gate, stage, value, reference, label, worse, ci, inputs, f", {rows} rows")
     worse = regression(gate.metric, value, reference)
     inputs |= {"reference": reference, "regression": worse}
-    passed = worse <= gate.max_regression + 1e-12
+    return _verdict(name, gate, stage, value, reference, label, worse, None, inputs, "")
+
+
+def version_rows(tags: Mapping[str, str]) -> dict[str, StageRows]:
+    """Per-row scores by evaluate stage from a version's ``forgeline.eval.<stage>.rows|set`` tags; a
+    file that is gone (``forgeline gc``) or predates per-row sums gives a :class:`StageRows` saying why."""
+    out: dict[str, StageRows] = {}
+    for key, uri in tags.items():
+        if not (key.startswith(TAG_EVAL_PREFIX) and key.endswith(".rows")):
+            continue
+        stage = key[len(TAG_EVAL_PREFIX) : -len(".rows")]
+        eval_set = tags.get(f"{TAG_EVAL_PREFIX}{stage}.set")
+        path = Path(unquote(urlparse(uri).path))
+        try:
+            out[stage] = StageRows(eval_set=eval_set, rows=read_rows(path))
+        except FileNotFoundError:
+            out[stage] = StageRows(eval_set=eval_set, missing=f"its per-row scores {path} are gone")
+        except (OSError, ValueError) as e:
+            out[stage] = StageRows(eval_set=eval_set, missing=f"its per-row scores are unreadable ({e})")
+    return out
+
+
+def _paired(
+    gate: MetricGate,
+    stage: str,
+    candidate: StageRows | None,
+    production: StageRows | None,
+    production_version: int | None,
+    inputs: dict[str, Any],
+) -> tuple[float, float, float, tuple[float, float], int] | GateResult | None:
+    """The paired comparison vs production; a refusal when the evaluation sets differ; ``None`` (point
+    values) when either side has no per-row scores, with the reason in ``inputs['unpaired']``."""
+    if gate.metric not in ROW_METRICS:
+        inputs["unpaired"] = f"{gate.metric!r} has no per-row scores"
+        return None
+    for side, rows in (
+        ("the candidate", candidate),
+        (f"production version {production_version}", production),
+    ):
+        if rows is None or rows.rows is None:
+            why = rows.missing if rows is not None and rows.missing else f"no per-row scores of {stage!r}"
+            inputs["unpaired"] = f"{side}: {why}"
+            return None
+    assert candidate is not None and production is not None
+    assert candidate.rows is not None and production.rows is not None
+    if candidate.eval_set != production.eval_set:
+        return GateResult(
+            f"metric:{gate.metric}:vs_{gate.vs}",
+            False,
+            f"{stage}.{gate.metric}: not comparable with production version {production_version}: the two "
+            f"were scored on different evaluation sets (digest {str(candidate.eval_set)[:12]} vs "
+            f"{str(production.eval_set)[:12]}: other rows, rendering, tokenizer or generation settings). "
+            "Score both on the same set, compare with the parent (`vs: parent`), or promote this version "
+            "by hand after review",
+            inputs | {"candidate_eval_set": candidate.eval_set, "production_eval_set": production.eval_set},
+        )
+    if len(candidate.rows.nll) != len(production.rows.nll):  # same digest, so only a damaged file
+        inputs["unpaired"] = "the two per-row files differ in length"
+        return None
+    iv = paired_bootstrap(candidate.rows, production.rows, [gate.metric], confidence=gate.confidence)
+    i = iv[gate.metric]
+    return i.value, i.baseline, i.regression, (i.regression_low, i.regression_high), len(candidate.rows.nll)
+
+
+def _verdict(
+    name: str,
+    gate: MetricGate,
+    stage: str,
+    value: float,
+    reference: float,
+    label: str,
+    worse: float,
+    ci: tuple[float, float] | None,
+    inputs: dict[str, Any],
+    detail: str,
+) -> GateResult:
+    # A hair of slack so float noise in an identical model never fails a 0.0 tolerance.
+    checked = worse if ci is None else ci[1]
+    passed = checked <= gate.max_regression + 1e-12
     verdict = "within" if passed else "beyond"
     message = (
         f"{stage}.{gate.metric} {value:.4g} vs {label} {reference:.4g}: "
-        f"{abs(worse):.2%} {'worse' if worse > 0 else 'better'}, "
-        f"{verdict} the allowed {gate.max_regression:.2%}"
+        f"{abs(worse):.2%} {'worse' if worse > 0 else 'better'}"
     )
+    if ci is not None:
+        message += (
+            f"; paired interval of the regression [{ci[0]:+.2%}, {ci[1]:+.2%}]{detail}: its worst end is "
+            f"{verdict} the allowed {gate.max_regression:.2%}"
+        )
+    else:
+        unpaired = inputs.get("unpaired")
+        message += f", {verdict} the allowed {gate.max_regression:.2%}"
+        message += f" (point values: {unpaired})" if unpaired else " (point values)"
     return GateResult(name, passed, message, inputs)
 
 

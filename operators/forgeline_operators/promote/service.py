@@ -275,9 +275,18 @@ def _run_gates(
     results: list[g.GateResult] = []
     cand_metrics = version_metrics(candidate)
     prod_metrics = version_metrics(production) if production else None
+    cand_rows = g.version_rows(candidate.tags)
+    prod_rows = g.version_rows(production.tags) if production else {}
     for gate in gates.metrics:
         results.append(
-            g.metric_gate(gate, cand_metrics, prod_metrics, production.version if production else None)
+            g.metric_gate(
+                gate,
+                cand_metrics,
+                prod_metrics,
+                production.version if production else None,
+                cand_rows,
+                prod_rows,
+            )
         )
     if gates.quantization is not None:
         results.append(g.quantization_gate(gates.quantization, cand_metrics))

@@ -4,16 +4,20 @@ Nothing is uploaded: the version's ``source`` is the directory's URI in the stag
 carry the content digest and lineage (workflow, stage run, input digest), so a version can always be
 traced back to the data and the run that produced it. The metrics of every upstream evaluate /
 quantize / prune / distill stage are copied onto the version as ``forgeline.metric.<stage>.<name>``
-tags: the promotion gates compare versions on them.
+tags: the promotion gates compare versions on them. For each upstream evaluate stage the version
+also records where its per-row scores are (``forgeline.eval.<stage>.rows``, a file in the stage store)
+and the digest of what was scored (``forgeline.eval.<stage>.set``), so a promotion can compare the
+candidate with production on the same rows, with a paired interval.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from forgeline.artifacts import StageRecord, dir_digest, read_manifest
 from forgeline.runtime.context import OperatorError, StageContext, StageResult
-from forgeline.tracking import TAG_METRIC_PREFIX, Tracker, register_version
+from forgeline.tracking import TAG_EVAL_PREFIX, TAG_METRIC_PREFIX, Tracker, register_version
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -32,6 +36,7 @@ def run(ctx: StageContext) -> StageResult:
         "forgeline.stage_run_id": ctx.run_id or "",
         "forgeline.source_ref": stage.model,
         **_quality_tags(ctx),
+        **_eval_row_tags(ctx),
         **stage.tags,
     }
     version = register_version(
@@ -67,6 +72,23 @@ def _quality_tags(ctx: StageContext) -> dict[str, str]:
             continue
         for metric, value in sorted(metrics.items()):
             tags[f"{TAG_METRIC_PREFIX}{name}.{metric}"] = repr(float(value))
+    return tags
+
+
+def _eval_row_tags(ctx: StageContext) -> dict[str, str]:
+    tags: dict[str, str] = {}
+    for name in sorted(ctx.upstream_metrics):
+        if ctx.workflow.stage(name).kind != "evaluate":
+            continue
+        try:
+            report = ctx.input_path(f"${{stages.{name}.outputs.report}}")
+            eval_set = json.loads((report / "metrics.json").read_text()).get("eval_set_sha256")
+        except (OperatorError, OSError, ValueError):
+            continue  # a report without per-row scores: promotion compares its point values
+        samples = report / "samples.jsonl"
+        if eval_set and samples.is_file():
+            tags[f"{TAG_EVAL_PREFIX}{name}.rows"] = samples.resolve().as_uri()
+            tags[f"{TAG_EVAL_PREFIX}{name}.set"] = str(eval_set)
     return tags
 
 

@@ -1010,7 +1010,17 @@ class MetricGate(StrictModel):
         ),
     )
     max_regression: float = Field(
-        default=0.0, ge=0, description="Largest relative change for the worse allowed (0.02 = 2 %)."
+        default=0.0,
+        ge=0,
+        description=(
+            "Largest relative change for the worse allowed (0.02 = 2 %), checked at the worst end of the "
+            "paired bootstrap interval when both sides were scored on the same rows (per-row scores of "
+            "the evaluate stage on both versions, or the stage's own comparison with the parent); "
+            "otherwise on the point values, and the gate's message says so."
+        ),
+    )
+    confidence: float = Field(
+        default=0.95, gt=0.5, lt=1, description="Level of the paired interval vs production."
     )
 
 

@@ -5,6 +5,7 @@ other forgeline layer, and nothing else in forgeline talks to MLflow directly.
 
 from forgeline.tracking._promotions import PROMOTIONS_EXPERIMENT, log_promotion, promotion_history
 from forgeline.tracking._registry import (
+    TAG_EVAL_PREFIX,
     TAG_METRIC_PREFIX,
     TAG_URI,
     RegisteredVersion,
@@ -51,6 +52,7 @@ __all__ = [
     "TAG_DRIVER_HOST",
     "TAG_DRIVER_PID",
     "TAG_ERROR",
+    "TAG_EVAL_PREFIX",
     "TAG_KIND",
     "TAG_METRIC_PREFIX",
     "TAG_OPERATOR_VERSION",

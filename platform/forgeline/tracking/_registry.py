@@ -38,6 +38,9 @@ class RegisteredVersion:
 
 TAG_URI = "forgeline.uri"
 TAG_METRIC_PREFIX = "forgeline.metric."  # + "<stage>.<metric>": quality evidence on a version
+# + "<stage>.rows" (URI of the evaluate stage's per-row samples.jsonl) and "<stage>.set" (the digest of
+# what it scored): what a promotion needs to pair a candidate with production on the same rows.
+TAG_EVAL_PREFIX = "forgeline.eval."
 
 
 def version_metrics(version: RegisteredVersion) -> dict[str, dict[str, float]]:

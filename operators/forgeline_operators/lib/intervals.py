@@ -5,21 +5,50 @@ token ids, so the honest uncertainty is that of the *difference*: rows are resam
 replacement, the same resample for both models, and each metric is recomputed from per-row sums
 (token-weighted for perplexity and token accuracy, a plain mean for exact match and contains). The percentile
 interval of the candidate-minus-baseline difference and of the relative regression comes out of the
-same resamples, with the promotion gates' own definition of a regression
-(:func:`forgeline_operators.promote.gates.regression`), so both gates mean the same thing by it. numpy
-only, seeded, so a rerun reports the same interval.
+same resamples, with one definition of a regression (:func:`regression`) that the evaluate stage's
+gates and the promotion gates share, so both mean the same thing by it. numpy only, seeded, so a
+rerun reports the same interval. The evaluate stage writes each model's per-row sums to its report's
+``samples.jsonl`` (:func:`read_rows` reads them back), so a later promotion can pair a candidate with
+the production version on the same rows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import hashlib
+import json
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from forgeline_operators.promote.gates import regression
+__all__ = [
+    "HIGHER_IS_BETTER",
+    "ROW_METRICS",
+    "Interval",
+    "RowStats",
+    "eval_set_digest",
+    "paired_bootstrap",
+    "read_rows",
+    "regression",
+]
 
-__all__ = ["Interval", "RowStats", "paired_bootstrap"]
+# Metrics where a larger value is better; every other metric (perplexity, loss) is lower-is-better.
+HIGHER_IS_BETTER = frozenset({"token_accuracy", "exact_match", "contains", "accuracy", "token_agreement"})
+# Metrics that per-row sums reproduce exactly, so two models' rows can be compared pairwise.
+ROW_METRICS = frozenset({"loss", "perplexity", "token_accuracy", "exact_match", "contains"})
+
+
+def regression(metric: str, value: float, reference: float) -> float:
+    """Relative change for the worse (negative when better); 0 when the reference is 0."""
+    if reference == 0:
+        return 0.0 if value == reference else (math.inf if metric not in HIGHER_IS_BETTER else 0.0)
+    if metric in HIGHER_IS_BETTER:
+        return (reference - value) / abs(reference)
+    return (value - reference) / abs(reference)
+
 
 _regressions = np.vectorize(regression, otypes=[float])  # the gate's scalar rule over resamples
 
@@ -103,3 +132,38 @@ def paired_bootstrap(
             regression_high=float(r_high),
         )
     return out
+
+
+def read_rows(samples: Path) -> RowStats:
+    """The evaluated model's per-row sums from an evaluate report's ``samples.jsonl``.
+
+    Raises ``ValueError`` naming the file when a row lacks them (a report from before per-row sums
+    were recorded)."""
+    nll, tokens, correct, exact, found = [], [], [], [], []
+    with samples.open() as f:
+        for line_no, line in enumerate(f, 1):
+            row: dict[str, Any] = json.loads(line)
+            if "nll" not in row or "correct" not in row:
+                raise ValueError(f"{samples}:{line_no}: no per-row sums (nll, correct) in this report")
+            nll.append(float(row["nll"]))
+            tokens.append(float(row["tokens"]))
+            correct.append(float(row["correct"]))
+            if "exact_match" in row:
+                exact.append(float(row["exact_match"]))
+                found.append(float(row["contains"]))
+    if not nll:
+        raise ValueError(f"{samples}: no rows")
+    generated = len(exact) == len(nll)
+    return RowStats(
+        nll=np.asarray(nll),
+        tokens=np.asarray(tokens),
+        correct=np.asarray(correct),
+        exact=np.asarray(exact) if generated else None,
+        contains=np.asarray(found) if generated else None,
+    )
+
+
+def eval_set_digest(parts: Sequence[Any]) -> str:
+    """sha256 of what makes two evaluations comparable row by row (token ids, graded labels,
+    generation prompts and settings), as JSON."""
+    return hashlib.sha256(json.dumps(list(parts), separators=(",", ":")).encode()).hexdigest()
