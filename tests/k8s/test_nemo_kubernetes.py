@@ -43,7 +43,8 @@ def _context(tmp_path: Path, namespace: str) -> StageContext:
             "name": "wf",
             "target": "kubernetes",
             "model": {"base": "hf://meta-llama/Meta-Llama-3-8B"},
-            "data": {"prefs": {"path": str(PREFS), "format": "preference"}},
+            # raw: the hub model's tokenizer is not here to decide `auto`
+            "data": {"prefs": {"path": str(PREFS), "format": "preference", "rendering": "raw"}},
             "stages": [stage],
         }
     )
@@ -59,7 +60,7 @@ def _context(tmp_path: Path, namespace: str) -> StageContext:
         sink=MemorySink(),
         resolve=lambda ref: tmp_path / "unused",
         values=lambda ref: None,
-        datasets={"prefs": DatasetInput("prefs", PREFS, "preference", digest)},
+        datasets={"prefs": DatasetInput("prefs", PREFS, "preference", digest, "raw")},
     )
 
 

@@ -199,23 +199,86 @@ def test_shipped_schemas_name_their_sources() -> None:
     assert "llama3_70b_peft_config" in bridge["recipes"]
 
 
-def context(tmp_path: Path, method: str, data: str, fmt: str, **kw: Any) -> StageContext:
+def context(
+    tmp_path: Path,
+    method: str,
+    data: str,
+    fmt: str,
+    rendering: str = "raw",
+    base: str = "hf://meta-llama/Meta-Llama-3-8B",
+    **kw: Any,
+) -> StageContext:
+    """A stage context; ``rendering`` raw by default (the hub model's tokenizer is not here to decide)."""
     path = DATA / data
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     body = {"name": "tune", "kind": "finetune", "backend": "nemo", "method": method, "dataset": "d", **kw}
     body.setdefault("training", {"precision": "bf16"})
     wf = Workflow.model_validate(
-        {"name": "wf", "model": {"base": "hf://meta-llama/Meta-Llama-3-8B"},
-         "data": {"d": {"path": str(path), "format": fmt}}, "stages": [body]}
+        {"name": "wf", "model": {"base": base},
+         "data": {"d": {"path": str(path), "format": fmt, "rendering": rendering}}, "stages": [body]}
     )  # fmt: skip
     out, work = tmp_path / "out", tmp_path / "work"
-    out.mkdir()
-    work.mkdir()
+    out.mkdir(parents=True)
+    work.mkdir(parents=True)
     return StageContext(
         stage=wf.stages[0], workflow=wf, output_dir=out, work_dir=work, sink=MemorySink(),
-        resolve=lambda ref: tmp_path / "unused", values=lambda ref: None,
-        datasets={"d": DatasetInput("d", path, fmt, digest)},
+        resolve=lambda ref: Path(base) if Path(base).is_dir() else tmp_path / "unused",
+        values=lambda ref: None, datasets={"d": DatasetInput("d", path, fmt, digest, rendering)},
     )  # fmt: skip
+
+
+def _chat_tokenizer(path: Path) -> Path:
+    """A small HF tokenizer directory with a chat template (the model itself never loads here)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<|im_start|>": 1, "<|im_end|>": 2, "user": 3, "assistant": 4}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|>{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
+    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|im_end|>")
+    fast.chat_template = template
+    fast.save_pretrained(path)
+    return path
+
+
+def test_chat_template_rendering_gives_the_trainers_the_models_template(tmp_path: Path) -> None:
+    """rendering auto + a model with a chat template: Megatron-Bridge gets `messages` rows and its
+    HF-template chat dataset, NeMo-RL the tokenizer's default template; both recorded in the params."""
+    model = _chat_tokenizer(tmp_path / "model")
+    ctx = context(
+        tmp_path / "sft", "sft", "chat_sft.jsonl", "sft", rendering="auto", base=str(model),
+        nemo={"recipe": "llama3_8b_sft_config"},
+    )  # fmt: skip
+    with pytest.raises(OperatorError, match="megatron-bridge"):
+        run(ctx)
+    assert ctx.sink.params["rendering"] == "chat_template"  # type: ignore[attr-defined]
+    data = ctx.work_dir / "nemo" / "data" / "training.jsonl"
+    first = json.loads(data.read_text().splitlines()[0])
+    assert [m["role"] for m in first["messages"]] == ["user", "assistant"]
+    run_sh = (ctx.work_dir / "nemo" / "job" / "run.sh").read_text()
+    assert "dataset.dataset_kwargs={chat:true,use_hf_tokenizer_chat_template:true}" in run_sh
+    overrides = yaml.safe_load((ctx.work_dir / "nemo" / "job" / "overrides.yaml").read_text())
+    assert overrides["dataset.dataset_kwargs"] == {"chat": True, "use_hf_tokenizer_chat_template": True}
+    assert keys.check_bridge_overrides(overrides) == []
+
+    dpo = context(tmp_path / "dpo", "dpo", "prefs.jsonl", "preference", rendering="auto", base=str(model))
+    with pytest.raises(OperatorError, match="nemo-rl"):
+        run(dpo)
+    config = yaml.safe_load((dpo.work_dir / "nemo" / "job" / "dpo.yaml").read_text())
+    assert config["policy"]["tokenizer"]["chat_template"] == "default"
+    assert keys.check_dpo_config(config) == []
+
+
+def test_auto_rendering_without_the_tokenizer_here_is_a_clear_error(tmp_path: Path) -> None:
+    ctx = context(tmp_path, "sft", "chat_sft.jsonl", "sft", rendering="auto")
+    with pytest.raises(OperatorError) as e:
+        run(ctx)
+    assert "dataset 'd' has rendering: auto" in str(e.value)
+    assert "meta-llama/Meta-Llama-3-8B" in str(e.value) and "set data.d.rendering" in str(e.value)
 
 
 def test_stage_writes_the_job_and_stops_without_gpus(tmp_path: Path) -> None:
@@ -277,6 +340,7 @@ def test_plan_shows_trainer_image_and_where_and_blocks_bad_keys(tmp_path: Path) 
         "on KubeRay RayJob llama3-70b-lora-tp4pp2-sft in namespace training: "
         "1 node(s) x 8 GPUs (tp4 x pp2 x dp1)",
         "steps: HF -> Megatron import, torchrun run_recipe.py, export PEFT adapter",
+        "rendering: raw",
     ]
     assert sp.memory is not None and 16 < sp.memory.per_device_gb < 80  # lora, tp4 x pp2, recompute
     assert sp.to_json()["launch"] == sp.launch

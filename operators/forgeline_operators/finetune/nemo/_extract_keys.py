@@ -8,7 +8,8 @@ commits:
   named in :data:`BRIDGE_SECTIONS`) in Megatron-Bridge and in Megatron-LM at the submodule commit that
   Megatron-Bridge pins.
 * NeMo-RL DPO: every leaf path of ``examples/configs/dpo.yaml`` plus the ``PreferenceDatasetConfig``
-  TypedDict keys under ``data.train`` / ``data.validation`` (its YAML leaves those commented out).
+  TypedDict keys under ``data.train`` / ``data.validation`` (its YAML leaves those commented out) and
+  the ``TokenizerConfig`` keys under ``policy.tokenizer`` (``chat_template`` is optional there).
 
 Run: ``python -m forgeline_operators.finetune.nemo._extract_keys BRIDGE_GIT MEGATRON_LM_GIT NEMO_RL_GIT``
 with bare git directories (e.g. from ``git clone --bare``); it reads the pinned commits with ``git show``.
@@ -143,10 +144,17 @@ def nemo_rl_keys(rl_git: Path) -> dict[str, Any]:
     for split in ("train", "validation", "default"):
         keys.discard(f"data.{split}")
         keys.update(f"data.{split}.{k}" for k in class_fields(data_init, "PreferenceDatasetConfig"))
+    # policy.tokenizer.chat_template (how prompts are rendered) is optional, so dpo.yaml leaves it out.
+    policy_init = _show(rl_git, NEMO_RL_COMMIT, "nemo_rl/models/policy/__init__.py")
+    keys.update(f"policy.tokenizer.{k}" for k in class_fields(policy_init, "TokenizerConfig"))
     return {
         "source": {
             "nemo_rl": {"tag": NEMO_RL_TAG, "commit": NEMO_RL_COMMIT},
-            "files": ["examples/configs/dpo.yaml", "nemo_rl/data/__init__.py:PreferenceDatasetConfig"],
+            "files": [
+                "examples/configs/dpo.yaml",
+                "nemo_rl/data/__init__.py:PreferenceDatasetConfig",
+                "nemo_rl/models/policy/__init__.py:TokenizerConfig",
+            ],
         },
         "keys": sorted(keys),
     }

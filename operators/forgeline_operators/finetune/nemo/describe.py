@@ -56,4 +56,11 @@ def describe(stage: Any, workflow: Any) -> list[str]:
     else:
         what = f"NeMo-RL {r.release} examples/run_dpo.py (Megatron policy)"
         steps = "run_dpo.py, convert_megatron_to_hf.py on the last step"
-    return [f"{what} in {r.image}", f"on {where}: {layout}", f"steps: {steps}"]
+    spec = workflow.data.get(stage.dataset)
+    requested = spec.rendering if spec is not None else "auto"
+    rendering = (
+        requested
+        if requested != "auto"
+        else "auto (chat_template when the model's tokenizer has one; decided when the stage runs)"
+    )
+    return [f"{what} in {r.image}", f"on {where}: {layout}", f"steps: {steps}", f"rendering: {rendering}"]

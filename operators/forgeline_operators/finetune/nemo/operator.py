@@ -34,7 +34,7 @@ from forgeline_operators.finetune.nemo import launch, validate
 from forgeline_operators.finetune.nemo.metrics import MetricTail
 from forgeline_operators.finetune.nemo.render import JobInputs, Rendered, RenderError, render
 
-__all__ = ["STOP", "model_location", "prepare", "run", "trainer_rows"]
+__all__ = ["STOP", "model_location", "prepare", "rendering_for", "run", "trainer_rows"]
 
 STOP = (
     "backend nemo runs {trainer} {release} in {image} on {gpus} GPU(s); {missing}. The job was rendered "
@@ -57,20 +57,55 @@ def model_location(ctx: StageContext, ref: str) -> str:
     return str(ctx.input_path(ref))
 
 
-def trainer_rows(method: str, rows: list[dict[str, Any]], dataset: str) -> list[dict[str, Any]]:
-    """Rows in the trainer's field names (Megatron-Bridge: input/output; NeMo-RL: prompt/chosen/rejected)."""
+def trainer_rows(
+    method: str, rows: list[dict[str, Any]], dataset: str, rendering: str = "raw"
+) -> list[dict[str, Any]]:
+    """Rows in the trainer's field names: Megatron-Bridge ``messages`` (chat template) or input/output
+    (raw); NeMo-RL prompt/chosen/rejected (its tokenizer config renders them)."""
     out = []
     for i, row in enumerate(rows, 1):
         if method == "dpo":
             out.append({k: row[k] for k in ("prompt", "chosen", "rejected")})
+        elif rendering == "chat_template" and "messages" in row:
+            out.append({"messages": row["messages"]})
+        elif rendering == "chat_template" and "prompt" in row and "completion" in row:
+            # The same conversation every other stage renders from a prompt/completion row.
+            user, assistant = {"role": "user", "content": row["prompt"]}, {"role": "assistant"}
+            out.append({"messages": [user, assistant | {"content": row["completion"]}]})
         elif "prompt" in row and "completion" in row:
             out.append({"input": row["prompt"], "output": row["completion"]})
         else:
             raise OperatorError(
-                f"dataset {dataset!r} row {i}: backend nemo sft/lora takes prompt/completion rows "
-                "(Megatron-Bridge's preloaded JSONL); convert chat `messages` rows or use backend hf"
+                f"dataset {dataset!r} row {i}: backend nemo sft/lora renders raw rows from prompt/completion "
+                "(Megatron-Bridge's preloaded JSONL); chat `messages` rows need the chat template "
+                "(the dataset's rendering: chat_template or auto, with a model that has one)"
             )
     return out
+
+
+def rendering_for(dataset: str, requested: str, model: str) -> str:
+    """``chat_template`` or ``raw`` for the trainer, decided as every other stage decides it
+    (:func:`forgeline_operators.data.resolve_rendering`) from the model's tokenizer -- a local
+    directory, or a hub id already in the hub cache (the container downloads the weights)."""
+    from transformers import AutoTokenizer
+
+    from forgeline_operators.data import resolve_rendering
+
+    if requested == "raw":
+        return "raw"
+    try:
+        local = Path(model).is_dir()
+        tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=not local)
+    except (OSError, ValueError) as e:
+        raise OperatorError(
+            f"dataset {dataset!r} has rendering: {requested}, and the tokenizer of {model} is not available "
+            f"here to check its chat template ({type(e).__name__}: a hub model's tokenizer files must be in "
+            f"the hub cache); set data.{dataset}.rendering to chat_template or raw"
+        ) from None
+    try:
+        return resolve_rendering(tokenizer, requested)
+    except ValueError as e:
+        raise OperatorError(f"dataset {dataset!r}: {e}") from None
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -88,15 +123,19 @@ def prepare(ctx: StageContext) -> tuple[Rendered, JobInputs, dict[str, Any], Pat
     train, held = split_rows(
         ctx, stage.dataset, stage.eval_dataset, stage.training.eval_fraction, stage.training.seed
     )
+    model = model_location(ctx, stage.base)
+    rendering = rendering_for(stage.dataset, ctx.dataset(stage.dataset).rendering, model)
+    ctx.log_params({"rendering": rendering})
     job = JobInputs(
         name=launch.k8s_name(ctx.workflow.name, stage.name),
-        model=model_location(ctx, stage.base),
+        model=model,
         shared_dir=str(shared),
         train_rows=len(train),
         eval_rows=len(held),
         tracking_uri=ctx.tracking_uri,
         experiment=ctx.workflow.tracking.experiment or ctx.workflow.name,
         run_name=f"{ctx.workflow.name}/{stage.name}",
+        rendering=rendering,
     )
     try:
         rendered = render(stage, job)
@@ -115,11 +154,10 @@ def prepare(ctx: StageContext) -> tuple[Rendered, JobInputs, dict[str, Any], Pat
         if stage.method != "dpo"
         else ("train.jsonl", "validation.jsonl")
     )
-    _write_jsonl(shared / "data" / names[0], trainer_rows(stage.method, train, stage.dataset))
+    _write_jsonl(shared / "data" / names[0], trainer_rows(stage.method, train, stage.dataset, rendering))
     if held:
-        _write_jsonl(
-            shared / "data" / names[1], trainer_rows(stage.method, held, stage.eval_dataset or stage.dataset)
-        )
+        rows = trainer_rows(stage.method, held, stage.eval_dataset or stage.dataset, rendering)
+        _write_jsonl(shared / "data" / names[1], rows)
     files = dict(rendered.files)
     if "ray_job" in objects:
         files["ray_job.json"] = json.dumps(objects["ray_job"], indent=2) + "\n"

@@ -80,6 +80,10 @@ class JobInputs:
     tracking_uri: str | None = None  # only an http(s) MLflow server is reachable from the cluster
     experiment: str = "forgeline"
     run_name: str = "finetune"
+    # How rows become text, as every other stage renders them (data.resolve_rendering): "chat_template"
+    # gives Megatron-Bridge `messages` rows + the HF tokenizer's template and NeMo-RL the tokenizer's
+    # default template; "raw" gives input/output rows and NeMo-RL's passthrough template.
+    rendering: str = "raw"
 
 
 @dataclass
@@ -174,6 +178,10 @@ def bridge_overrides(stage: Any, job: JobInputs, iters: int) -> dict[str, Any]:
         "checkpoint.save_interval": t.checkpoint_every_steps or iters,
         "checkpoint.load": f"{w}/checkpoints",  # resume after a pod restart
     }
+    if job.rendering == "chat_template":
+        # GPTSFTChatDataset over `messages` rows, rendered by the HF tokenizer's own chat template
+        # (Megatron-Bridge v0.5.0 create_sft_dataset; loss on the assistant turns only).
+        o["dataset.dataset_kwargs"] = {"chat": True, "use_hf_tokenizer_chat_template": True}
     if t.gradient_checkpointing:
         o |= {
             "model.recompute_granularity": "full",
@@ -206,6 +214,8 @@ def _value(v: Any) -> str:
         return "true" if v else "false"
     if isinstance(v, list):
         return "[" + ",".join(_value(x) for x in v) + "]"
+    if isinstance(v, dict):  # Hydra's dictionary override syntax
+        return "{" + ",".join(f"{k}:{_value(x)}" for k, x in v.items()) + "}"
     if v is None:
         return "null"
     return str(v)
@@ -295,7 +305,11 @@ def dpo_config(stage: Any, job: JobInputs, iters: int, nodes: int, gpn: int) -> 
         },
         "policy": {
             "model_name": job.model,
-            "tokenizer": {"name": job.model},
+            # "default": the tokenizer's own chat template; None: NeMo-RL's passthrough (raw text).
+            "tokenizer": {
+                "name": job.model,
+                "chat_template": "default" if job.rendering == "chat_template" else None,
+            },
             "train_global_batch_size": t.micro_batch_size * t.grad_accum * par.dp,
             "train_micro_batch_size": t.micro_batch_size,
             "max_total_sequence_length": t.max_seq_len,
