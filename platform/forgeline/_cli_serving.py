@@ -49,8 +49,7 @@ def _repository_for(uri: str, home: Path, threads: int, precision: str = "f32") 
     import hashlib
     import tempfile
 
-    from forgeline.artifacts import ModelStore
-    from forgeline.registry import default_registry
+    from forgeline.runtime import model_store
     from forgeline.spec._models import SchedulerSpec
     from forgeline_operators.serve.export import openvino_engine
     from forgeline_operators.serve.repository import (
@@ -59,7 +58,7 @@ def _repository_for(uri: str, home: Path, threads: int, precision: str = "f32") 
         openvino_config,
     )
 
-    store = ModelStore(home / "artifacts", default_registry())
+    store = model_store(home)  # the planner's store: registry URIs (mlflow://, models:/) resolve too
     scheduler = SchedulerSpec(inference_precision=precision)
     spec = OpenvinoModelSpec(name="model", scheduler=scheduler, threads=threads)
     openvino_config(spec)  # bad settings fail here, before any export
@@ -84,7 +83,11 @@ def _repository_for(uri: str, home: Path, threads: int, precision: str = "f32") 
 
 def serve(
     model_uri: Annotated[
-        str, typer.Argument(help="Model URI: builtin://tiny-llama, a directory, hf://, mlflow://.")
+        str,
+        typer.Argument(
+            help="Model URI: builtin://tiny-llama, a directory, hf://, s3://, mlflow://models/NAME@ALIAS "
+            "or /VERSION, models:/NAME/VERSION or models:/NAME@ALIAS."
+        ),
     ],
     port: Annotated[int, typer.Option("--port", "-p", help="Port of the OpenAI-compatible API.")] = 8000,
     name: Annotated[str | None, typer.Option("--name", help="Endpoint name (default: from the URI).")] = None,
@@ -109,7 +112,7 @@ def serve(
     from forgeline_operators.deploy.endpoint import EndpointError, serve_foreground, start_detached
 
     h = _home(home)
-    endpoint = name or model_uri.rstrip("/").rsplit("/", 1)[-1].split("@")[0].replace(".", "-") or "model"
+    endpoint = name or _endpoint_name(model_uri)
     try:
         from forgeline.artifacts import single_name
 
@@ -132,6 +135,19 @@ def serve(
     _print_try(url, endpoint)
     api_key = os.environ.get(api_key_env) if api_key_env else None
     serve_foreground(repo, endpoint, port, h, endpoint, max_queue, api_key, threads)
+
+
+def _endpoint_name(uri: str) -> str:
+    """The default endpoint name: a registered model's name, else the URI's last path segment."""
+    from forgeline.artifacts import UriError, parse_uri
+
+    try:
+        ref = parse_uri(uri).ref
+    except UriError:  # building the repository reports it
+        ref = None
+    # Without this, models:/NAME/3 would serve as an endpoint named "3".
+    base = ref.name if ref else uri.rstrip("/").rsplit("/", 1)[-1].split("@")[0]
+    return base.replace(".", "-") or "model"
 
 
 def _print_try(url: str, model: str) -> None:

@@ -20,6 +20,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from forgeline.runtime import CANCEL_WAIT_S
 from forgeline.spec import LoadedWorkflow, WorkflowError, load_workflow, schema_json
 
 if TYPE_CHECKING:
@@ -363,35 +364,34 @@ def resume(
 @app.command()
 def cancel(
     run_id: Annotated[str, typer.Argument(help="Workflow run id.")],
+    wait: Annotated[
+        float,
+        typer.Option(
+            "--wait",
+            help="Seconds to wait for the driver after a SIGINT; one still running then gets a second.",
+        ),
+    ] = CANCEL_WAIT_S,
     home: Home = None,
     verbose: Verbose = False,
 ) -> None:
-    """Cancel a running workflow: its driver cancels running stages and marks the runs KILLED."""
-    import signal
-    import socket
+    """Cancel a running workflow: its driver cancels running stages and marks the runs KILLED.
 
-    from forgeline.artifacts import pid_alive
-    from forgeline.runtime import reap_dead_drivers
-    from forgeline.tracking import TAG_DRIVER_HOST, TAG_DRIVER_PID, Tracker, resolve_settings
+    Exits 1 when the driver is still running after the second SIGINT (follow the run, or cancel again).
+    """
+    # The shared cancel (forgeline.runtime.cancel_run), as the REST API's: this only prints its result.
+    from forgeline import runtime
+    from forgeline.tracking import Tracker, resolve_settings
 
+    if wait <= 0:
+        raise typer.BadParameter("must be positive", param_hint="--wait")
     tracker = Tracker(resolve_settings(None, "", _home(home)).uri)
     try:
-        run = tracker.get_run(run_id)
-    except Exception as e:
+        result = runtime.cancel_run(tracker, run_id, wait_s=wait)
+    except (runtime.RunNotFound, runtime.NotCancellableHere) as e:
         raise _fail(e, verbose) from None
-    if run.info.status != "RUNNING":
-        out.print(f"run {run_id} is {run.info.status}; nothing to cancel")
-        return
-    tags = run.data.tags
-    if tags.get(TAG_DRIVER_HOST) != socket.gethostname():
-        raise _fail(RuntimeError(f"run {run_id} is driven from host {tags.get(TAG_DRIVER_HOST)!r}"), verbose)
-    pid = int(tags.get(TAG_DRIVER_PID, "0") or 0)
-    if pid > 0 and pid_alive(pid):
-        os.kill(pid, signal.SIGINT)  # the driver's Ctrl-C path: cancel tasks, mark KILLED
-        out.print(f"sent SIGINT to driver {pid} of run {run_id}")
-    else:
-        reap_dead_drivers(tracker, run.info.experiment_id)
-        out.print(f"driver of run {run_id} is gone; marked KILLED")
+    out.print(result.message, highlight=False)
+    if result.outcome == "still_running":
+        raise typer.Exit(1)
 
 
 @app.command()

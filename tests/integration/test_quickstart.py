@@ -2,7 +2,8 @@
 
 `kill -9` of `forgeline run` after the first stage finished, then `forgeline resume RUN_ID` finishes
 the same MLflow run without redoing that stage; a model version is registered with the candidate
-alias; a plain rerun runs nothing.
+alias; a plain rerun runs nothing; `forgeline serve` serves that version under each spelling of its
+registry URI (`mlflow://models/NAME@ALIAS`, `models:/NAME/VERSION`, `models:/NAME@ALIAS`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from forgeline.tracking import TAG_ROLE, TAG_STAGE
+from forgeline_operators.ports import free_port
 from processes import kill_session
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -113,3 +115,31 @@ def test_quickstart_kill9_resume_then_fully_cached(home: Path, stop_endpoints: N
     status = forgeline("status", home=home)
     assert status.returncode == 0, status.stderr
     assert "cached" in status.stdout
+
+    _serve_every_registry_spelling(home, "quickstart-tiny-llama", int(mv.version))
+
+
+def _serve_every_registry_spelling(home: Path, model: str, version: int) -> None:
+    """`forgeline serve` of the registered version under each URI spelling answers an OpenAI client.
+
+    The repository is built once (the three URIs share one fingerprint); each endpoint is stopped before
+    the next starts, so at most one extra tritonserver runs beside the quickstart's two."""
+    from openai import OpenAI
+
+    uris = {
+        "by-mlflow-alias": f"mlflow://models/{model}@candidate",
+        "by-models-version": f"models:/{model}/{version}",
+        "by-models-alias": f"models:/{model}@candidate",
+    }
+    for name, uri in uris.items():
+        port = free_port()
+        served = forgeline("serve", uri, "--detach", "--name", name, "--port", str(port), home=home)
+        try:
+            assert served.returncode == 0, f"{uri}: {served.stdout}{served.stderr}"
+            client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=60)
+            reply = client.completions.create(model=name, prompt="Uppercase: hello", max_tokens=4)
+            assert reply.usage is not None and reply.usage.completion_tokens >= 1, uri
+        finally:
+            stopped = forgeline("endpoints", "stop", name, home=home)
+        assert stopped.returncode == 0 and f"stopped {name}" in stopped.stdout, stopped.stderr
+    assert len(list((home / "serving").iterdir())) == 1  # one repository for the one version

@@ -5,9 +5,6 @@ does), and read a stage's log (what ``forgeline logs`` prints).
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -24,8 +21,6 @@ from forgeline.api._settings import ApiSettings
 from forgeline.runtime import TAG_SUBMITTER
 from forgeline.tracking import (
     TAG_CACHE_KEY,
-    TAG_DRIVER_HOST,
-    TAG_DRIVER_PID,
     TAG_ERROR,
     TAG_KIND,
     TAG_ROLE,
@@ -310,62 +305,17 @@ def get_run(request: Request, run_id: RunId, who: Annotated[Principal, require("
     responses={409: {"model": ErrorBody, "description": "Driven from another host."}},
 )
 def cancel_run(request: Request, run_id: RunId, who: Annotated[Principal, require("submit")]) -> CancelOut:
-    from forgeline.artifacts import pid_alive
-    from forgeline.runtime import reap_dead_drivers
+    # The shared cancel (forgeline.runtime.cancel_run): this route only maps its result and errors.
+    from forgeline import runtime
 
-    tracker = Tracker(_settings(request).tracking_uri)
-    run = _workflow_run(tracker, run_id)
-    if run.info.status != "RUNNING":
-        return CancelOut(
-            run_id=run_id,
-            cancelled=False,
-            status=run.info.status,
-            message=f"run {run_id} is {run.info.status}; nothing to cancel",
-        )
-    tags = run.data.tags
-    if tags.get(TAG_DRIVER_HOST) != socket.gethostname():
-        raise ApiError(
-            409,
-            "not_cancellable_here",
-            f"run {run_id} is driven from host {tags.get(TAG_DRIVER_HOST)!r}; cancel it there",
-        )
-    pid = int(tags.get(TAG_DRIVER_PID, "0") or 0)
-    if pid > 0 and pid_alive(pid):
-        status = _interrupt(tracker, run_id, pid, _settings(request).cancel_wait_s)
-        message = f"sent SIGINT to driver {pid}: " + (
-            "its stages were cancelled and the runs marked KILLED"
-            if status != "RUNNING"
-            else "it has not stopped yet; follow the run, or cancel again"
-        )
-    else:
-        reap_dead_drivers(tracker, run.info.experiment_id)
-        status = tracker.get_run(run_id).info.status
-        message = "its driver is gone; marked KILLED"
-    return CancelOut(run_id=run_id, cancelled=True, status=status, message=message)
-
-
-def _interrupt(tracker: Tracker, run_id: str, pid: int, wait_s: float) -> str:
-    """SIGINT the driver (its Ctrl-C path cancels the stages and marks the runs KILLED) and wait briefly
-    for the run to leave RUNNING. Measured: a SIGINT that lands while the driver is still starting Ray
-    for its first stage can be lost (the driver then runs on), so a driver still RUNNING after
-    ``wait_s`` gets one more; a driver interrupted mid-cleanup leaves runs that the next cancel or run
-    marks KILLED (reap_dead_drivers)."""
-    import time
-
-    from forgeline.artifacts import pid_alive
-
-    status = "RUNNING"
-    for _attempt in range(2):
-        if not pid_alive(pid):
-            break
-        os.kill(pid, signal.SIGINT)
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline:
-            status = tracker.get_run(run_id).info.status
-            if status != "RUNNING":
-                return status
-            time.sleep(0.2)
-    return str(tracker.get_run(run_id).info.status)
+    settings = _settings(request)
+    try:
+        result = runtime.cancel_run(Tracker(settings.tracking_uri), run_id, wait_s=settings.cancel_wait_s)
+    except runtime.RunNotFound as e:
+        raise ApiError(404, "not_found", str(e)) from None
+    except runtime.NotCancellableHere as e:
+        raise ApiError(409, "not_cancellable_here", str(e)) from None
+    return CancelOut(run_id=run_id, cancelled=result.cancelled, status=result.status, message=result.message)
 
 
 @router.get(

@@ -28,6 +28,7 @@ from ruamel.yaml.events import (
     ScalarEvent,
 )
 
+from forgeline.artifacts import MODELS_PREFIX
 from forgeline.spec import LoadedWorkflow, Problem, parse_ref
 
 _MAX_DEPTH = 64
@@ -174,6 +175,8 @@ def absolute_datasets(text: str, data_root: Path) -> str:
 def _path_like(value: str) -> bool:
     if value.startswith("file://"):
         return True
+    if value.startswith(MODELS_PREFIX):  # MLflow's models:/NAME/VERSION: a registry URI, not a path
+        return False
     return "://" not in value and (value.startswith(("/", ".", "~")) or "/" in value)
 
 
@@ -208,7 +211,7 @@ def model_uri_problems(loaded: LoadedWorkflow, artifact_root: Path, file: str) -
                 line,
                 col,
                 field,
-                hint=f"use a path under {root}, builtin://, mlflow://, hf:// or s3://",
+                hint=f"use a path under {root}, builtin://, mlflow://, models:/, hf:// or s3://",
             )
         )
     return problems

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from forgeline.runtime import CANCEL_WAIT_S
+
 
 class ApiSettings(BaseModel):
     """What the API serves and how strictly."""
@@ -32,7 +34,9 @@ class ApiSettings(BaseModel):
         default=100_000, ge=100, description="YAML nodes after expanding aliases (alias bombs get 422)."
     )
     cancel_wait_s: float = Field(
-        default=5.0, gt=0, description="How long a cancel waits for the driver before a second SIGINT."
+        default=CANCEL_WAIT_S,
+        gt=0,
+        description="How long a cancel waits for the driver before a second SIGINT.",
     )
     submit_wait_s: float = Field(
         default=60.0, gt=0, description="How long POST /v1/workflows waits for the run id."

@@ -28,14 +28,25 @@ from forgeline.artifacts._manifest import (
     write_text_atomic,
 )
 from forgeline.artifacts._stages import StageRecord, StageStore
-from forgeline.artifacts._uris import ModelStore, ParsedUri, UriError, parse_uri
+from forgeline.artifacts._uris import (
+    MODELS_PREFIX,
+    ModelStore,
+    ParsedUri,
+    RegistryRef,
+    SchemeResolver,
+    UriError,
+    parse_uri,
+)
 
 __all__ = [
     "MANIFEST_NAME",
+    "MODELS_PREFIX",
     "Manifest",
     "ModelStore",
     "ParsedUri",
     "PathEscapeError",
+    "RegistryRef",
+    "SchemeResolver",
     "StageRecord",
     "StageStore",
     "UriError",

@@ -6,9 +6,13 @@ registered :class:`~forgeline.registry.ModelFormat` converts once into a verifie
 ``hf://ORG/NAME[@REVISION]`` (``huggingface_hub.snapshot_download`` into the hub's cache, then copied
 file by file through the confinement checks); ``hf://ORG/NAME/FILE.gguf[@REVISION]`` (that one file,
 converted); ``s3://BUCKET/PREFIX`` (boto3; fingerprinted by a digest of the object listing, so a
-changed object changes the cache keys without a download). ``mlflow://`` is resolved by the runtime,
-which owns tracking, through the ``extra`` resolvers hook. Remote downloads land in the store's
-``models/`` cache, published atomically, so a second use is a directory lookup.
+changed object changes the cache keys without a download). A registered version --
+``mlflow://models/NAME/VERSION`` or ``mlflow://models/NAME@ALIAS``, and MLflow's own spellings
+``models:/NAME/VERSION`` / ``models:/NAME@ALIAS`` for the same (what a register stage prints) -- is
+parsed here into a :class:`RegistryRef` and resolved by a :class:`SchemeResolver` that the layer owning
+tracking plugs into :attr:`ModelStore.schemes` (``forgeline.runtime.model_store`` builds every store
+that way). Remote downloads land in the store's ``models/`` cache, published atomically, so a second
+use is a directory lookup.
 """
 
 from __future__ import annotations
@@ -17,10 +21,9 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlparse
 
 from forgeline.artifacts._confine import PathEscapeError, check_tree, confined, safe_relpath
@@ -39,38 +42,97 @@ class UriError(ValueError):
     """A model URI that cannot be resolved; the message says what to change."""
 
 
+MODELS_PREFIX = "models:/"  # MLflow's registry URIs; the same versions as mlflow://models/...
+REGISTRY_FORMS = (
+    "mlflow://models/NAME/VERSION, mlflow://models/NAME@ALIAS, models:/NAME/VERSION or models:/NAME@ALIAS"
+)
+
+
+@dataclass(frozen=True)
+class RegistryRef:
+    """A registered model version named by a URI: by version number or by alias (exactly one)."""
+
+    name: str
+    version: int | None = None
+    alias: str | None = None
+
+    def __str__(self) -> str:
+        return f"mlflow://models/{self.name}" + (f"@{self.alias}" if self.alias else f"/{self.version}")
+
+
 @dataclass(frozen=True)
 class ParsedUri:
     scheme: str  # "local" | "builtin" | "hf" | "s3" | "mlflow"
     target: str  # path, name, repo id, bucket/prefix, or registry reference
     revision: str | None = None
+    ref: RegistryRef | None = None  # scheme "mlflow": the version it names
+    uri: str = field(default="", compare=False)  # as written, for messages
+
+
+def _registry_ref(uri: str, path: str) -> RegistryRef:
+    """``NAME/VERSION`` or ``NAME@ALIAS`` (the part after ``models/``); every other form is refused
+    here, at parse time, so ``plan`` reports it on the stage instead of a worker failing later."""
+    bad = f"{uri!r}: expected {REGISTRY_FORMS}"
+    if "@" in path:
+        name, _, alias = path.partition("@")
+        if not name or "/" in name or not alias or "/" in alias or "@" in alias:
+            raise UriError(bad)
+        return RegistryRef(name, alias=alias)
+    name, _, version = path.rpartition("/")
+    if not name or "/" in name:
+        raise UriError(bad)
+    if not version.isdigit() or int(version) < 1:
+        # MLflow's stage form (models:/NAME/Production) and `latest` name no fixed version: say so.
+        raise UriError(f"{bad}; {version!r} is not a version number (name an alias with @ALIAS instead)")
+    return RegistryRef(name, version=int(version))
 
 
 def parse_uri(uri: str, base_dir: Path | None = None) -> ParsedUri:
+    if uri.startswith(MODELS_PREFIX):
+        # MLflow's spelling: a path without "://" would otherwise be read as a relative directory.
+        ref = _registry_ref(uri, uri[len(MODELS_PREFIX) :])
+        return ParsedUri("mlflow", str(ref).removeprefix("mlflow://"), ref=ref, uri=uri)
     if "://" not in uri:
         p = Path(uri).expanduser()
         if not p.is_absolute() and base_dir is not None:
             p = base_dir / p
-        return ParsedUri("local", str(p.resolve()))
+        return ParsedUri("local", str(p.resolve()), uri=uri)
     scheme, _, rest = uri.partition("://")
     if scheme == "file":
-        return ParsedUri("local", str(Path(urlparse(uri).path).resolve()))
+        return ParsedUri("local", str(Path(urlparse(uri).path).resolve()), uri=uri)
     if scheme == "builtin":
-        return ParsedUri("builtin", rest.strip("/"))
+        return ParsedUri("builtin", rest.strip("/"), uri=uri)
     if scheme == "hf":
         repo, _, rev = rest.partition("@")
         if repo.count("/") < 1 or not all(repo.split("/")):
             raise UriError(
                 f"{uri!r}: expected hf://ORG/NAME[@REVISION] or hf://ORG/NAME/FILE.gguf[@REVISION]"
             )
-        return ParsedUri("hf", repo, rev or None)
+        return ParsedUri("hf", repo, rev or None, uri=uri)
     if scheme == "s3":
         if not rest or rest.startswith("/"):
             raise UriError(f"{uri!r}: expected s3://BUCKET/PREFIX")
-        return ParsedUri("s3", rest)
+        return ParsedUri("s3", rest, uri=uri)
     if scheme == "mlflow":
-        return ParsedUri("mlflow", rest)
-    raise UriError(f"{uri!r}: unknown scheme {scheme!r} (use a path, builtin://, hf://, s3:// or mlflow://)")
+        if not rest.startswith("models/"):
+            raise UriError(f"{uri!r}: expected {REGISTRY_FORMS}")
+        ref = _registry_ref(uri, rest[len("models/") :])
+        return ParsedUri("mlflow", rest, ref=ref, uri=uri)
+    raise UriError(
+        f"{uri!r}: unknown scheme {scheme!r} (use a path, builtin://, hf://, s3://, mlflow:// or models:/)"
+    )
+
+
+class SchemeResolver(Protocol):
+    """A URI scheme resolved outside this package (``mlflow``: the runtime, which owns tracking)."""
+
+    def fingerprint(self, parsed: ParsedUri) -> str:
+        """A cheap, stable identity of the content the URI names now (for cache keys)."""
+        ...
+
+    def materialize(self, parsed: ParsedUri) -> Path:
+        """The local directory holding the model the URI names."""
+        ...
 
 
 @dataclass
@@ -79,9 +141,8 @@ class ModelStore:
 
     root: Path
     registry: OperatorRegistry
-    # Schemes resolved by other layers (the runtime adds ``mlflow``): materialize and fingerprint.
-    extra: dict[str, Callable[[ParsedUri], Path]] = field(default_factory=dict)
-    extra_fingerprint: dict[str, Callable[[ParsedUri], str]] = field(default_factory=dict)
+    # Schemes resolved by other layers, by scheme name (forgeline.runtime.model_store adds ``mlflow``).
+    schemes: dict[str, SchemeResolver] = field(default_factory=dict)
     # The Hugging Face cache hf:// reads through (None: the hub's default, HF_HUB_CACHE).
     hf_cache_dir: Path | None = None
 
@@ -92,8 +153,8 @@ class ModelStore:
     def fingerprint(self, uri: str, base_dir: Path | None = None) -> str:
         """A cheap, stable identity of the model's content for cache keys."""
         parsed = parse_uri(uri, base_dir)
-        if parsed.scheme in self.extra_fingerprint:
-            return self.extra_fingerprint[parsed.scheme](parsed)
+        if parsed.scheme in self.schemes:
+            return self.schemes[parsed.scheme].fingerprint(parsed)
         if parsed.scheme == "builtin":
             return f"builtin:{parsed.target}:{self._builtin(parsed.target).fingerprint()}"
         if parsed.scheme == "local":
@@ -107,12 +168,13 @@ class ModelStore:
             return f"hf:{parsed.target}@{parsed.revision or 'main'}"
         if parsed.scheme == "s3":
             return f"s3:{parsed.target}:{self._s3_listing(parsed)[0]}"
-        return f"{parsed.scheme}:{parsed.target}"
+        # Never a fingerprint of the name alone: an alias that moved would keep its old cache keys.
+        raise self._unresolvable(parsed)
 
     def materialize(self, uri: str, base_dir: Path | None = None) -> Path:
         parsed = parse_uri(uri, base_dir)
-        if parsed.scheme in self.extra:
-            return self.extra[parsed.scheme](parsed)
+        if parsed.scheme in self.schemes:
+            return self.schemes[parsed.scheme].materialize(parsed)
         if parsed.scheme == "local":
             p = Path(parsed.target)
             if not p.exists():
@@ -132,7 +194,14 @@ class ModelStore:
             return self._hf(parsed)
         if parsed.scheme == "s3":
             return self._s3(parsed)
-        raise UriError(f"{uri!r}: scheme {parsed.scheme!r} is not resolvable here")
+        raise self._unresolvable(parsed)
+
+    def _unresolvable(self, parsed: ParsedUri) -> UriError:
+        return UriError(
+            f"{parsed.uri!r}: scheme {parsed.scheme!r} is not resolvable by this model store (it resolves "
+            f"{', '.join(sorted(self.schemes)) or 'no registry URIs'}); build it with "
+            "forgeline.runtime.model_store"
+        )
 
     def _builtin(self, name: str) -> ModelSource:
         source = self.registry.model(name)

@@ -2,7 +2,9 @@
 
 Each stage is one ``@ray.remote`` task (operators that need several workers start Ray Train inside
 it). Finished stages are published atomically under content-addressed cache keys, so reruns skip them
-and a crashed run resumes from the first unfinished stage. Operators see only :mod:`.context`.
+and a crashed run resumes from the first unfinished stage. Operators see only :mod:`.context`. The
+faces (CLI, REST API) share two services from here: :func:`model_store` (every model store, with the
+registry URI schemes) and :func:`cancel_run`.
 
 The names below load on first use (PEP 562): importing :mod:`forgeline.runtime.context`, which every
 operator does, no longer imports the driver and Ray with it (~1.8 s).
@@ -14,6 +16,13 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from forgeline.runtime._cancel import (
+        CANCEL_WAIT_S,
+        CancelResult,
+        NotCancellableHere,
+        RunNotFound,
+        cancel_run,
+    )
     from forgeline.runtime._driver import (
         SUBMITTER_ENV,
         TAG_SUBMITTER,
@@ -27,6 +36,7 @@ if TYPE_CHECKING:
         run_workflow,
         tracking_settings,
     )
+    from forgeline.runtime._model_store import model_store
     from forgeline.runtime._ray import RaySettings
     from forgeline.runtime.context import (
         DatasetInput,
@@ -38,6 +48,12 @@ if TYPE_CHECKING:
     )
 
 _HOME = {
+    "CANCEL_WAIT_S": "forgeline.runtime._cancel",
+    "CancelResult": "forgeline.runtime._cancel",
+    "NotCancellableHere": "forgeline.runtime._cancel",
+    "RunNotFound": "forgeline.runtime._cancel",
+    "cancel_run": "forgeline.runtime._cancel",
+    "model_store": "forgeline.runtime._model_store",
     "SUBMITTER_ENV": "forgeline.runtime._driver",
     "TAG_SUBMITTER": "forgeline.runtime._driver",
     "Driver": "forgeline.runtime._driver",
@@ -69,21 +85,27 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "CANCEL_WAIT_S",
     "SUBMITTER_ENV",
     "TAG_SUBMITTER",
+    "CancelResult",
     "DatasetInput",
     "Driver",
     "GateFailed",
     "MemorySink",
+    "NotCancellableHere",
     "OperatorError",
     "RaySettings",
+    "RunNotFound",
     "RunSettings",
     "RunSummary",
     "StageContext",
     "StageFailed",
     "StageOutcome",
     "StageResult",
+    "cancel_run",
     "make_planner",
+    "model_store",
     "reap_dead_drivers",
     "run_workflow",
     "tracking_settings",

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from forgeline.artifacts import ModelStore, StageRecord, StageStore, clean_staging, pid_alive
+from forgeline.artifacts import StageRecord, StageStore, clean_staging, pid_alive
 from forgeline.plan import Plan, Planner, Selection, stage_params
 from forgeline.registry import OperatorRegistry, default_registry
-from forgeline.runtime._mlflow_uris import attach_mlflow
+from forgeline.runtime._model_store import model_store
 from forgeline.runtime._ray import RaySettings, ensure_ray
 from forgeline.runtime._worker import StageTask, execute
 from forgeline.spec import LoadedWorkflow, WorkflowError
@@ -111,10 +111,8 @@ def make_planner(
     tracking_uri: str | None = None,
 ) -> Planner:
     reg = registry or default_registry()
-    root = home / "artifacts"
-    models = ModelStore(root, reg)
-    attach_mlflow(models, tracking_uri or tracking_settings(loaded, RunSettings(home=home)).uri)
-    return Planner(loaded, reg, models, StageStore(root))
+    models = model_store(home, tracking_uri or tracking_settings(loaded, RunSettings(home=home)).uri, reg)
+    return Planner(loaded, reg, models, StageStore(models.root))
 
 
 def reap_dead_drivers(tracker: Tracker, experiment_id: str) -> list[str]:

@@ -24,7 +24,7 @@ from typing import Any, TextIO
 
 from forgeline.artifacts import ModelStore, StageRecord, StageStore
 from forgeline.registry import OperatorRegistry, OperatorSpec, default_registry
-from forgeline.runtime._mlflow_uris import attach_mlflow
+from forgeline.runtime._model_store import model_store
 from forgeline.runtime.context import DatasetInput, GateFailed, OperatorError, StageContext, StageResult
 from forgeline.spec import LoadedWorkflow, parse_ref
 from forgeline.tracking import RunSink, Tracker, TrackingSettings
@@ -89,7 +89,7 @@ def execute(task: StageTask) -> dict[str, Any]:
     logger = logging.getLogger(f"forgeline.stage.{task.stage_name}")
     registry = task.registry or default_registry()
     store = StageStore(task.home / "artifacts")
-    models = attach_mlflow(ModelStore(task.home / "artifacts", registry), task.tracking.uri)
+    models = model_store(task.home, task.tracking.uri, registry)
     staging = store.staging(task.key)
     work = Path(tempfile.mkdtemp(prefix=f"forgeline-{task.stage_name}-"))
     tracker = Tracker(task.tracking.uri)
