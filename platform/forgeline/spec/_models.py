@@ -39,7 +39,8 @@ Ref = Annotated[
         description=(
             "A reference to an earlier stage's output (`${stages.NAME.outputs.KEY}`), the workflow's "
             "base model (`${model}`), or a model URI (local path, `hf://`, `s3://`, "
-            "`mlflow://models/NAME@ALIAS`, `builtin://NAME`)."
+            "`mlflow://models/NAME@ALIAS` or MLflow's `models:/NAME@ALIAS` / `models:/NAME/VERSION`, "
+            "`builtin://NAME`)."
         ),
         min_length=1,
     ),
@@ -57,7 +58,9 @@ class ModelSpec(StrictModel):
     base: str = Field(
         description=(
             "Base model URI: a local directory, `hf://ORG/NAME[@REVISION]`, `s3://BUCKET/PREFIX`, "
-            "`mlflow://models/NAME@ALIAS` (or `/VERSION`), or `builtin://tiny-llama`."
+            "`mlflow://models/NAME@ALIAS` (or `/VERSION`; MLflow's `models:/NAME@ALIAS` and "
+            "`models:/NAME/VERSION` are the same), a `.gguf` file, or `builtin://smollm2-135m-instruct` / "
+            "`builtin://tiny-llama`."
         ),
         min_length=1,
     )
