@@ -1,7 +1,7 @@
 """Forgeline's built-in operators: one folder per stage kind, each a ``run(ctx)`` entrypoint.
 
 ``operator_specs()`` is what the ``forgeline.operators`` entry point returns: data only (kind,
-backend, version, capabilities, dotted entrypoint), so planning never imports torch.
+backend, version, capabilities, dotted entrypoint and plan hooks), so planning never imports torch.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ def operator_specs() -> list[OperatorSpec]:
             version="3",
             capabilities=Capabilities(cpu=True, gpu=True),
             description="Perplexity, token accuracy and exact match with transformers; gates.",
+            resources="forgeline_operators.evaluate.plan:resources",
+            estimate="forgeline_operators.evaluate.plan:estimate",
         ),
         OperatorSpec(
             kind="finetune",
@@ -35,6 +37,9 @@ def operator_specs() -> list[OperatorSpec]:
                 spawns_workers=True,
             ),
             description="SFT, LoRA, QLoRA (bitsandbytes NF4) and DPO with trl + peft; dp over Ray Train.",
+            resources="forgeline_operators.finetune.plan:resources",
+            estimate="forgeline_operators.finetune.plan:estimate",
+            check="forgeline_operators.finetune.plan:check",
         ),
         OperatorSpec(
             kind="finetune",
@@ -50,6 +55,9 @@ def operator_specs() -> list[OperatorSpec]:
                 spawns_workers=True,
             ),
             description="megatron-core GPTModel SFT / TP-aware LoRA; TP x PP x DP on Ray Train; HF/PEFT out.",
+            resources="forgeline_operators.finetune.plan:resources",
+            estimate="forgeline_operators.finetune.plan:estimate",
+            check="forgeline_operators.finetune.plan:check",
         ),
         OperatorSpec(
             kind="finetune",
@@ -68,6 +76,9 @@ def operator_specs() -> list[OperatorSpec]:
             ),
             description="NeMo containers: Megatron-Bridge SFT/LoRA, NeMo-RL DPO; Ray job, RayJob or Job.",
             describe="forgeline_operators.finetune.nemo.describe:describe",
+            resources="forgeline_operators.finetune.plan:resources",
+            estimate="forgeline_operators.finetune.plan:estimate",
+            check="forgeline_operators.finetune.plan:check",
         ),
         OperatorSpec(
             kind="quantize",
@@ -75,6 +86,9 @@ def operator_specs() -> list[OperatorSpec]:
             version="2",  # 2: calibration/gate rows in the dataset's rendering
             capabilities=Capabilities(cpu=True, gpu=True, gpu_only_options=frozenset({"nvfp4"})),
             description="ModelOpt PTQ (HF + TRT-LLM checkpoints) or NNCF OpenVINO weight compression; gated.",
+            resources="forgeline_operators.quantize.plan:resources_quantize",
+            estimate="forgeline_operators.quantize.plan:estimate_quantize",
+            check="forgeline_operators.quantize.plan:check_quantize",
         ),
         OperatorSpec(
             kind="distill",
@@ -82,6 +96,7 @@ def operator_specs() -> list[OperatorSpec]:
             version="2",  # 2: chat-template rendering (data.py)
             capabilities=Capabilities(cpu=True, gpu=False),
             description="Distillation: KL on T-scaled teacher logits (+ hard labels) into a student.",
+            estimate="forgeline_operators.quantize.plan:estimate_distill",
         ),
         OperatorSpec(
             kind="prune",
@@ -89,22 +104,29 @@ def operator_specs() -> list[OperatorSpec]:
             version="2",  # 2: calibration rows in the dataset's rendering
             capabilities=Capabilities(cpu=True, gpu=False),
             description="Structured pruning (MLP width, GQA-consistent heads, depth) by activation score.",
+            estimate="forgeline_operators.quantize.plan:estimate_prune",
         ),
         OperatorSpec(
             kind="build",
             backend="openvino",
             entrypoint="forgeline_operators.build.operator:run_openvino",
             version="1",
-            capabilities=Capabilities(cpu=True, gpu=True),
+            capabilities=Capabilities(cpu=True, gpu=True, target_bound=True),
             description="OpenVINO IR (optimum-intel export, NNCF weights, tokenizer IRs) for OpenVINO GenAI.",
+            resources="forgeline_operators.build.plan:resources",
+            check="forgeline_operators.build.plan:check",
         ),
         OperatorSpec(
             kind="build",
             backend="tensorrt-llm",
             entrypoint="forgeline_operators.build.operator:run_tensorrt_llm",
             version="1",
-            capabilities=Capabilities(cpu=True, gpu=True, tensor_parallel=True, pipeline_parallel=True),
+            capabilities=Capabilities(
+                cpu=True, gpu=True, tensor_parallel=True, pipeline_parallel=True, target_bound=True
+            ),
             description="trtllm-build command + LLM-API YAML, validated; builds where tensorrt_llm imports",
+            resources="forgeline_operators.build.plan:resources",
+            check="forgeline_operators.build.plan:check",
         ),
         OperatorSpec(
             kind="register",
@@ -130,7 +152,7 @@ def operator_specs() -> list[OperatorSpec]:
             entrypoint="forgeline_operators.deploy.operator:run",
             version="1",
             # gpu=True: on `target: kubernetes` the stage only applies a ModelEndpoint; its pods get GPUs.
-            capabilities=Capabilities(cpu=True, gpu=True),
+            capabilities=Capabilities(cpu=True, gpu=True, target_bound=True),
             description="Local endpoint: detached tritonserver + OpenAI-compatible front.",
             cache_check="forgeline_operators.deploy.operator:cache_check",
         ),
@@ -139,14 +161,14 @@ def operator_specs() -> list[OperatorSpec]:
             backend="nim",
             entrypoint="forgeline_operators.deploy.operator:run",
             version="1",
-            capabilities=Capabilities(cpu=True, gpu=True),
+            capabilities=Capabilities(cpu=True, gpu=True, target_bound=True),
             description="Kubernetes only: a ModelEndpoint whose revisions are NIMServices (NIM operator).",
         ),
         OperatorSpec(
             kind="promote",
             entrypoint="forgeline_operators.promote.operator:run",
             version="1",
-            capabilities=Capabilities(cpu=True, gpu=True),
+            capabilities=Capabilities(cpu=True, gpu=True, target_bound=True),
             cache_check="forgeline_operators.promote.operator:cache_check",
             description=(
                 "Gates (metrics vs production/parent, quantization delta, SLO benchmark, approval), then "

@@ -1,12 +1,15 @@
 """Registries of operators and built-in model sources: plain objects that tests can swap.
 
 An operator is declared by an :class:`OperatorSpec` — data only (kind, backend, version,
-capabilities, and the dotted path of its ``run(ctx)`` entrypoint), so ``plan`` can check
-capabilities without importing torch. Built-in models (``builtin://NAME``) are declared by a
-:class:`ModelSource`. Both are discovered through entry points (``forgeline.operators`` returning
-a list of specs, ``forgeline.models`` naming a ``ModelSource``, ``forgeline.model_formats`` naming a
-:class:`ModelFormat` that converts a model file such as ``.gguf``), so third-party packages plug in
-the same way the shipped ``forgeline_operators`` do.
+capabilities, and the dotted paths of its ``run(ctx)`` entrypoint and of its plan hooks), so
+``plan`` can check capabilities without importing torch. Everything the plan knows about a kind
+beyond the generic (the GPUs and workers it asks for, its memory and compute estimate, its own
+checks, what it would launch) comes from those hooks: the plan never branches on a kind. Built-in
+models (``builtin://NAME``) are declared by a :class:`ModelSource`. Both are discovered through entry
+points (``forgeline.operators`` returning a list of specs, ``forgeline.models`` naming a
+``ModelSource``, ``forgeline.model_formats`` naming a :class:`ModelFormat` that converts a model file
+such as ``.gguf``), so third-party packages plug in the same way the shipped ``forgeline_operators``
+do.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ __all__ = [
     "ModelSource",
     "OperatorRegistry",
     "OperatorSpec",
+    "ResourceRequest",
+    "StageIssue",
     "default_registry",
 ]
 
@@ -43,6 +48,30 @@ class Capabilities:
     spawns_workers: bool = False
     # Option values (e.g. quantization formats) that only run with CUDA.
     gpu_only_options: frozenset[str] = field(default_factory=frozenset)
+    # Its result depends on the workflow's target (a local endpoint vs a cluster resource), so the
+    # target is part of its cache key.
+    target_bound: bool = False
+
+
+@dataclass(frozen=True)
+class ResourceRequest:
+    """What a stage asks of the cluster, from its operator's ``resources`` hook."""
+
+    gpus: int = 0  # GPUs for the stage when the workflow runs on GPUs (resources.device: gpu)
+    workers: int = 0  # Ray Train workers the operator starts itself; 0: the stage's own task works
+    remote: bool = False  # its GPU work runs on the cluster (target: kubernetes), not in this Ray
+
+
+@dataclass(frozen=True)
+class StageIssue:
+    """A kind's own finding about a stage, from its operator's ``check`` hook: a plan problem (blocks
+    the run) or, with ``warning``, a note. ``field`` is relative to the stage (``format``,
+    ``parallelism.tp``; None: the stage itself)."""
+
+    message: str
+    field: str | None = None
+    hint: str | None = None
+    warning: bool = False
 
 
 @dataclass(frozen=True)
@@ -63,6 +92,14 @@ class OperatorSpec:
     # ``plan`` as ``describe(stage, workflow) -> list[str]`` (what would run, where, in which image);
     # a ValueError it raises is a plan problem. It must import nothing heavy.
     describe: str | None = None
+    # Plan hooks, "module:function" each, importing nothing heavy:
+    # ``resources(stage, workflow, capabilities) -> ResourceRequest`` (default: no GPUs, no workers);
+    # ``estimate(stage, shape, inputs) -> forgeline.plan.StageEstimate | None`` (memory per device,
+    # tokens, FLOPs; ``inputs`` is a ``forgeline.plan.EstimateInputs``);
+    # ``check(stage, workflow, capabilities) -> list[StageIssue]`` (the kind's own plan problems).
+    resources: str | None = None
+    estimate: str | None = None
+    check: str | None = None
 
     def load(self) -> Callable[..., Any]:
         return _import(self.entrypoint)
@@ -72,6 +109,15 @@ class OperatorSpec:
 
     def load_describe(self) -> Callable[..., list[str]] | None:
         return _import(self.describe) if self.describe else None
+
+    def load_resources(self) -> Callable[..., ResourceRequest] | None:
+        return _import(self.resources) if self.resources else None
+
+    def load_estimate(self) -> Callable[..., Any] | None:
+        return _import(self.estimate) if self.estimate else None
+
+    def load_check(self) -> Callable[..., list[StageIssue]] | None:
+        return _import(self.check) if self.check else None
 
 
 def _import(dotted: str) -> Callable[..., Any]:

@@ -43,12 +43,20 @@ SFT_ROWS = "".join(
 
 
 def op(kind: str, backend: str | None = None, version: str = "1", **caps: object) -> OperatorSpec:
+    """A fake operator of ``kind`` with the given capabilities and the shipped kind's plan hooks (GPUs,
+    estimates, checks are the kind's own, as a real operator of that kind would declare them)."""
+    from forgeline.registry import default_registry
+
+    shipped = default_registry().operator(kind, backend)
     return OperatorSpec(
         kind=kind,
         entrypoint=f"tests.fake:{kind}",
         version=version,
         backend=backend,
         capabilities=Capabilities(**caps),  # type: ignore[arg-type]
+        resources=shipped.resources if shipped else None,
+        estimate=shipped.estimate if shipped else None,
+        check=shipped.check if shipped else None,
     )
 
 

@@ -230,10 +230,8 @@ def _verdict(
     checked = worse if ci is None else ci[1]
     passed = checked <= gate.max_regression + 1e-12
     verdict = "within" if passed else "beyond"
-    message = (
-        f"{stage}.{gate.metric} {value:.4g} vs {label} {reference:.4g}: "
-        f"{abs(worse):.2%} {'worse' if worse > 0 else 'better'}"
-    )
+    change = "no change" if worse == 0 else f"{abs(worse):.2%} {'worse' if worse > 0 else 'better'}"
+    message = f"{stage}.{gate.metric} {value:.4g} vs {label} {reference:.4g}: {change}"
     if ci is not None:
         message += (
             f"; paired interval of the regression [{ci[0]:+.2%}, {ci[1]:+.2%}]{detail}: its worst end is "

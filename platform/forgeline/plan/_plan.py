@@ -16,26 +16,18 @@ from forgeline.plan._estimates import (
     GiB,
     MemoryEstimate,
     ModelShape,
-    finetune_memory,
     gpu_hours,
-    inference_memory,
     shape_from_dir,
     shape_from_name,
-    training_flops,
 )
+from forgeline.plan._hooks import EstimateInputs, StageEstimate
 from forgeline.plan._keys import KeyInputs, diff_components, stage_params
 from forgeline.plan._select import Selection
-from forgeline.registry import OperatorRegistry, OperatorSpec
+from forgeline.registry import OperatorRegistry, OperatorSpec, ResourceRequest
 from forgeline.spec import (
     BASE_MODEL_REF,
-    BuildStage,
-    DistillStage,
-    EvaluateStage,
-    FinetuneStage,
     LoadedWorkflow,
     Problem,
-    PruneStage,
-    QuantizeStage,
     StageBase,
     Workflow,
     parse_ref,
@@ -197,7 +189,7 @@ class Planner:
             operator_version=op.version if op else "not-installed",
             params=stage_params(stage),
         )
-        if _kind(stage) in _TARGET_BOUND:
+        if op is not None and op.capabilities.target_bound:
             # Where the result lives: a local endpoint's record must not stand for a cluster rollout.
             ki.params = {**ki.params, "workflow.target": self.workflow.target}
         for fpath, ds in stage.dataset_refs().items():
@@ -297,24 +289,15 @@ class Planner:
         kind = _kind(stage)
         backend = stage.backend_name()
         res = self.workflow.resources
-        gpus = 0
-        if res.device == "gpu":
-            if isinstance(stage, FinetuneStage):
-                gpus = stage.parallelism.world_size
-            elif isinstance(stage, BuildStage) and stage.engine == "tensorrt-llm":
-                t = stage.tensorrt_llm
-                gpus = (t.tp * t.pp) if t else 1
-            elif isinstance(stage, QuantizeStage | EvaluateStage):
-                gpus = 1
+        op = self.registry.operator(kind, backend)
+        hook = op.load_resources() if op is not None else None
+        want = hook(stage, self.workflow, op.capabilities) if hook and op else ResourceRequest()
+        gpus = want.gpus if res.device == "gpu" else 0
         if stage.resources and stage.resources.gpus is not None:
             gpus = stage.resources.gpus
         cpus = (
             stage.resources.cpus if stage.resources and stage.resources.cpus else None
         ) or res.cpus_per_stage
-        op = self.registry.operator(kind, backend)
-        workers = 0
-        if isinstance(stage, FinetuneStage) and op is not None and op.capabilities.spawns_workers:
-            workers = stage.parallelism.world_size if stage.parallelism.world_size > 1 else 0
         return StagePlan(
             name=stage.name,
             kind=kind,
@@ -324,12 +307,8 @@ class Planner:
             operator=op,
             cpus=cpus,
             gpus=gpus,
-            workers=workers,
-            remote=self.workflow.target == "kubernetes"
-            and (
-                (isinstance(stage, FinetuneStage) and backend == "nemo")
-                or (isinstance(stage, BuildStage) and stage.engine == "tensorrt-llm")
-            ),
+            workers=want.workers,
+            remote=want.remote,
         )
 
     # --------------------------------------------------------- estimates
@@ -389,46 +368,16 @@ class Planner:
             if first is not None:
                 sp.warnings.append("model size unknown: set model.parameters for estimates")
             return
+        hook = sp.operator.load_estimate() if sp.operator else None
+        if hook is None:
+            return
         res = self.workflow.resources
-        if isinstance(stage, FinetuneStage):
-            t = stage.training
-            par = stage.parallelism
-            sp.memory = finetune_memory(
-                shape,
-                stage.method,
-                precision=t.precision,
-                lora_r=stage.lora.r if stage.lora else None,
-                lora_targets=stage.lora.target_modules if stage.lora else "all-linear",
-                lora_for_dpo=stage.lora is not None,
-                double_quant=stage.qlora.double_quant if stage.qlora else True,
-                seq_len=t.max_seq_len,
-                micro_batch=t.micro_batch_size,
-                gradient_checkpointing=t.gradient_checkpointing,
-                tp=par.tp,
-                pp=par.pp,
-                fp32_grads=stage.backend == "megatron",
-            )
-            rows, nbytes = _dataset_size(self.loaded.dataset_path(stage.dataset))
-            per_row = min(t.max_seq_len, max(1, nbytes // max(rows, 1) // 4))  # ~4 bytes per token
-            tokens = int(rows * per_row * t.epochs)
-            if t.max_steps:
-                tokens = min(tokens, t.max_steps * t.micro_batch_size * t.grad_accum * par.dp * per_row)
-            sp.tokens = tokens
-            sp.flops = training_flops(shape.parameters, tokens, stage.method, stage.uses_adapter)
-            sp.gpu_hours = gpu_hours(sp.flops, res.gpu_tflops, res.mfu)
-        elif isinstance(stage, EvaluateStage):
-            precision = "fp32" if res.device == "cpu" else "bf16"
-            sp.memory = inference_memory(shape, precision, stage.max_seq_len, stage.batch_size)
-        elif isinstance(stage, QuantizeStage):
-            seq = stage.calibration.max_seq_len if stage.calibration else 256
-            sp.memory = inference_memory(shape, "fp32" if res.device == "cpu" else "bf16", seq, 1)
-        elif isinstance(stage, DistillStage):
-            sp.memory = distill_memory(shape, stage.training.max_seq_len, stage.training.micro_batch_size)
-        elif isinstance(stage, PruneStage):
-            # The model, its importance hooks' activations and the pruned copy (at most as large).
-            sp.memory = inference_memory(shape, "fp32", stage.calibration.max_seq_len, 1)
-            sp.memory.parts["pruned copy (<= weights)"] = shape.parameters * 4
-            sp.memory.per_device_bytes += shape.parameters * 4
+        est: StageEstimate | None = hook(stage, shape, EstimateInputs(res.device, self.loaded.dataset_path))
+        if est is None:
+            return
+        sp.memory, sp.tokens, sp.flops = est.memory, est.tokens, est.flops
+        if est.flops is not None:
+            sp.gpu_hours = gpu_hours(est.flops, res.gpu_tflops, res.mfu)
 
     def _describe(self, stage: StageBase, sp: StagePlan) -> None:
         """The operator's own account of what it would launch; its ValueError blocks the run."""
@@ -460,35 +409,17 @@ class Planner:
             return
         caps = op.capabilities
         label = sp.kind + (f" ({sp.backend})" if sp.backend else "")  # not "evaluate (None)"
-        if isinstance(stage, BuildStage) and stage.engine == "tensorrt-llm":
-            sp.warnings.extend(_engine_key_notes(stage))
         if res.device == "cpu" and caps.requires_gpu:
             sp.problems.append(src.problem(f"{at}.kind", f"{label} needs a GPU", "set resources.device: gpu"))
         if res.device == "gpu" and not caps.gpu:
             sp.problems.append(src.problem(f"{at}.kind", f"{label} does not run on GPUs"))
-        if isinstance(stage, QuantizeStage) and res.device == "cpu" and stage.format in caps.gpu_only_options:
-            sp.problems.append(
-                src.problem(
-                    f"{at}.format", f"format {stage.format!r} needs CUDA", "set resources.device: gpu"
-                )
-            )
-        if isinstance(stage, FinetuneStage):
-            par = stage.parallelism
-            for degree, ok, label in (
-                (par.tp, caps.tensor_parallel, "tp"),
-                (par.pp, caps.pipeline_parallel, "pp"),
-                (par.dp, caps.data_parallel, "dp"),
-            ):
-                if degree > 1 and not ok:
-                    sp.problems.append(
-                        src.problem(
-                            f"{at}.parallelism.{label}",
-                            f"backend {stage.backend!r} does not support {label} > 1",
-                            "use backend: megatron (or nemo) for tensor/pipeline parallelism"
-                            if label in ("tp", "pp")
-                            else None,
-                        )
-                    )
+        hook = op.load_check()
+        for issue in hook(stage, self.workflow, caps) if hook else []:
+            if issue.warning:
+                sp.warnings.append(issue.message)
+            else:
+                where = f"{at}.{issue.field}" if issue.field else at
+                sp.problems.append(src.problem(where, issue.message, issue.hint))
         if sp.memory is not None:
             need = sp.memory.per_device_bytes
             if sp.gpus > 0 and need > res.gpu_memory_gb * GiB:
@@ -514,59 +445,6 @@ def _host_memory_bytes(workflow: Workflow) -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
         return 16 * GiB
-
-
-def _dataset_size(path: Path) -> tuple[int, int]:
-    rows = 0
-    with open(path, "rb") as f:
-        for line in f:
-            if line.strip():
-                rows += 1
-    return rows, path.stat().st_size
-
-
-def _engine_key_notes(stage: BuildStage) -> list[str]:
-    """What the TRT-LLM engine cache key will use where the planning machine cannot detect it."""
-    import importlib.util
-
-    if importlib.util.find_spec("tensorrt_llm") is not None:
-        return []
-    spec = stage.tensorrt_llm
-    version = spec.version if spec and spec.version else None
-    arch = spec.gpu_arch if spec and spec.gpu_arch else None
-    return [
-        "engine cache key: tensorrt_llm is not installed here, so the key uses "
-        + (f"the declared TensorRT-LLM {version}" if version else "the default TensorRT-LLM release (1.2)")
-        + " and "
-        + (f"the declared gpu_arch {arch}" if arch else "an undeclared GPU arch (set tensorrt_llm.gpu_arch)")
-        + "; the build node checks both against what it has"
-    ]
-
-
-def distill_memory(shape: ModelShape, seq_len: int, micro_batch: int) -> MemoryEstimate:
-    """Upper bound for a distill stage (fp32, CPU): the student trained as a full model no larger than
-    the teacher (its shape is known only after pruning / layer copying), plus the frozen teacher."""
-    est = finetune_memory(
-        shape,
-        "sft",
-        precision="fp32",
-        lora_r=None,
-        lora_targets="all-linear",
-        lora_for_dpo=False,
-        double_quant=True,
-        seq_len=seq_len,
-        micro_batch=micro_batch,
-        gradient_checkpointing=False,
-        tp=1,
-        pp=1,
-    )
-    est.parts["teacher (frozen) + its logits"] = shape.parameters * 4 + est.parts.get("logits", 0) // 2
-    est.notes.append("student sized as the teacher (upper bound)")
-    return MemoryEstimate(sum(est.parts.values()), est.parts, est.notes)
-
-
-# Stage kinds whose result depends on the workflow's target (local endpoint vs cluster resource).
-_TARGET_BOUND = frozenset({"deploy", "build", "promote"})
 
 
 def _kind(stage: StageBase) -> str:

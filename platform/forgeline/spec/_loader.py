@@ -23,20 +23,13 @@ from ruamel.yaml.error import MarkedYAMLError
 from forgeline.spec._datasets import validate_dataset
 from forgeline.spec._errors import Problem, WorkflowError, did_you_mean
 from forgeline.spec._models import (
-    BASE_MODEL_REF,
     PATTERN_HELP,
     STAGE_CLASSES,
-    DistillStage,
-    EvaluateStage,
-    FinetuneStage,
-    PromoteStage,
-    PruneStage,
-    ServeStage,
+    SpecContext,
     Stage,
     StageBase,
     Workflow,
     is_ref_like,
-    output_ref,
     parse_ref,
 )
 
@@ -268,14 +261,6 @@ def _problems_from_validation(exc: ValidationError, raw: Any, smap: SourceMap, p
 # ----------------------------------------------------------------------------- semantic checks
 
 
-_DATASET_FORMATS_FOR_METHOD = {
-    "sft": ("sft", "text"),
-    "lora": ("sft", "text"),
-    "qlora": ("sft", "text"),
-    "dpo": ("preference",),
-}
-
-
 def _semantic_problems(
     raw: dict[str, Any], stages: list[StageBase | None], smap: SourceMap, base_dir: Path
 ) -> tuple[list[Problem], list[StageBase | None]]:
@@ -307,6 +292,14 @@ def _semantic_problems(
             elif ds.get("format") in ("sft", "preference", "text"):
                 problems.extend(validate_dataset(p, ds["format"], name=name))
 
+    res = raw.get("resources")
+    per_stage = res.get("cpus_per_stage", 1) if isinstance(res, dict) else 1
+    ctx = SpecContext(
+        stages=tuple(known),
+        kinds=kinds,
+        formats={n: (d.get("format") if isinstance(d, dict) else None) for n, d in data.items()},
+        cpus_per_stage=per_stage if isinstance(per_stage, int | float) else 1,
+    )
     resolved: list[StageBase | None] = list(stages)
     for i, stage in enumerate(stages):
         at = f"stages[{i}]"
@@ -322,25 +315,6 @@ def _semantic_problems(
                 problems.append(
                     smap.problem(f"{at}.needs[{j}]", f"unknown stage {need!r}", did_you_mean(need, known))
                 )
-        if isinstance(stage, PromoteStage):
-            for j, req in enumerate(stage.requires):
-                if req == stage.name:
-                    problems.append(smap.problem(f"{at}.requires[{j}]", "a stage cannot require itself"))
-                elif req not in known:
-                    problems.append(
-                        smap.problem(
-                            f"{at}.requires[{j}]", f"unknown stage {req!r}", did_you_mean(req, known)
-                        )
-                    )
-            for j, gate in enumerate(stage.gates.metrics):
-                if gate.stage is not None and gate.stage not in known:
-                    problems.append(
-                        smap.problem(
-                            f"{at}.gates.metrics[{j}].stage",
-                            f"unknown stage {gate.stage!r}",
-                            did_you_mean(gate.stage, known),
-                        )
-                    )
         for fpath, value in stage.refs().items():
             if fpath == "gates.max_regression_vs":
                 continue
@@ -355,94 +329,14 @@ def _semantic_problems(
                     )
                 )
                 continue
-            fmt = data[ds_name].get("format") if isinstance(data[ds_name], dict) else None
-            generated = _generated_metrics(stage) if isinstance(stage, EvaluateStage) else []
-            if generated and fmt != "sft":
-                problems.append(
-                    smap.problem(
-                        f"{at}.{fpath}",
-                        f"{' and '.join(generated)} "
-                        + (
-                            "compares generated completions, so it needs"
-                            if len(generated) == 1
-                            else "compare generated completions, so they need"
-                        )
-                        + f" an 'sft' dataset; {ds_name!r} is {fmt!r}",
-                        f"drop {' / '.join(generated)} (and the gates on it) or evaluate on an sft dataset",
-                    )
-                )
-            if isinstance(stage, FinetuneStage) and fpath in ("dataset", "eval_dataset"):
-                allowed = _DATASET_FORMATS_FOR_METHOD[stage.method]
-                if fmt not in allowed:
-                    problems.append(
-                        smap.problem(
-                            f"{at}.{fpath}",
-                            f"method {stage.method!r} needs a dataset of format "
-                            f"{' or '.join(map(repr, allowed))}; {ds_name!r} is {fmt!r}",
-                        )
-                    )
-            # Distillation and pruning score token sequences: preference pairs have no single one.
-            if isinstance(stage, DistillStage | PruneStage) and fmt not in ("sft", "text"):
-                problems.append(
-                    smap.problem(
-                        f"{at}.{fpath}",
-                        f"{stage.kind} needs a dataset of format 'sft' or 'text'; {ds_name!r} is {fmt!r}",
-                    )
-                )
-        problems.extend(_engine_thread_problems(stage, at, raw, smap))
-        if isinstance(stage, EvaluateStage) and stage.gates.max_regression_vs is not None:
-            target = stage.gates.max_regression_vs
-            fpath = f"{at}.gates.max_regression_vs"
-            if target == "base":
-                ref: str | None = BASE_MODEL_REF
-            elif target not in known:
-                problems.append(
-                    smap.problem(fpath, f"unknown stage {target!r}", did_you_mean(target, [*known, "base"]))
-                )
-                ref = None
-            elif kinds.get(target) not in ("finetune", "quantize", "distill", "prune"):
-                problems.append(
-                    smap.problem(
-                        fpath,
-                        f"stage {target!r} (kind {kinds.get(target)!r}) produces no model; "
-                        "compare against 'base' or a finetune/quantize/distill/prune stage",
-                    )
-                )
-                ref = None
-            else:
-                cls = STAGE_CLASSES[kinds[target]]
-                ref = output_ref(target, cls.primary_output or "")
-            if ref is not None:
-                gates = stage.gates.model_copy(update={"baseline_ref": ref})
-                resolved[i] = stage.model_copy(update={"gates": gates})
+        # The kind's own checks and computed fields (the stage model's methods).
+        issues = stage.check(ctx)
+        more, resolved_stage = stage.resolved(ctx)
+        for issue in [*issues, *more]:
+            where = f"{at}.{issue.field}" if issue.field else at
+            problems.append(smap.problem(where, issue.message, issue.hint))
+        resolved[i] = resolved_stage
     return problems, resolved
-
-
-def _engine_thread_problems(stage: StageBase, at: str, raw: dict[str, Any], smap: SourceMap) -> list[Problem]:
-    """A bf16 CPU engine (serve stage, or the local production endpoint of a promote stage) on fewer than
-    2 threads: OpenVINO 2026.4 dies with SIGFPE compiling it, so refuse it here with the fix."""
-    if isinstance(stage, ServeStage):
-        scheduler, fpath = stage.scheduler, f"{at}.scheduler.inference_precision"
-    elif isinstance(stage, PromoteStage) and stage.endpoint is not None:
-        scheduler, fpath = stage.endpoint.scheduler, f"{at}.endpoint.scheduler.inference_precision"
-    else:
-        return []
-    if scheduler.inference_precision != "bf16":
-        return []
-    res = raw.get("resources")
-    per_stage = res.get("cpus_per_stage", 1) if isinstance(res, dict) else 1
-    own = stage.resources.cpus if stage.resources else None
-    cpus = int(own or (per_stage if isinstance(per_stage, int | float) else 1))  # as the plan counts them
-    if cpus >= 2:
-        return []
-    return [
-        smap.problem(
-            fpath,
-            f"bf16 needs 2 or more engine threads; this stage gets {cpus} "
-            "(OpenVINO 2026.4 crashes building a one-thread bf16 pipeline)",
-            "give the stage `resources: {cpus: 2}` or use inference_precision: f32",
-        )
-    ]
 
 
 def _raw_stage_problems(
@@ -611,12 +505,3 @@ def _dedupe(problems: list[Problem]) -> list[Problem]:
     return out
 
 
-def _generated_metrics(stage: EvaluateStage) -> list[str]:
-    """The metrics of an evaluate stage (requested or gated) that generate and need a reference."""
-    gates = stage.gates
-    wanted = set(stage.metrics) | set(gates.min_improvement or {})
-    if gates.min_exact_match is not None:
-        wanted.add("exact_match")
-    if gates.min_contains is not None:
-        wanted.add("contains")
-    return sorted(wanted & {"exact_match", "contains"})

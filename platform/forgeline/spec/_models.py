@@ -9,6 +9,8 @@ stage kind declares the names of its outputs and its primary output, so referenc
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -133,6 +135,30 @@ class StageResources(StrictModel):
     memory_gb: float | None = Field(default=None, gt=0, description="Ray memory reservation (GiB).")
 
 
+@dataclass(frozen=True)
+class SpecContext:
+    """What a stage's own semantic checks see of the rest of its workflow (built by the loader)."""
+
+    stages: tuple[str, ...]  # every stage name, in YAML order
+    kinds: Mapping[str, str]  # stage name -> kind
+    formats: Mapping[str, str | None]  # dataset name -> format (None: not given)
+    cpus_per_stage: float = 1  # the workflow's resources.cpus_per_stage
+
+    def unknown_stage(self, field: str, name: str, extra: tuple[str, ...] = ()) -> SpecIssue:
+        from forgeline.spec._errors import did_you_mean
+
+        return SpecIssue(field, f"unknown stage {name!r}", did_you_mean(name, [*self.stages, *extra]))
+
+
+@dataclass(frozen=True)
+class SpecIssue:
+    """A problem a stage finds with itself: ``field`` relative to the stage ("" for the stage)."""
+
+    field: str
+    message: str
+    hint: str | None = None
+
+
 class StageBase(StrictModel):
     outputs: ClassVar[tuple[str, ...]] = ()
     primary_output: ClassVar[str | None] = None
@@ -178,6 +204,32 @@ class StageBase(StrictModel):
             if isinstance(v, str):
                 out[f] = v
         return out
+
+    # The kind's own semantic checks, after validation; the loader runs the generic ones (names,
+    # needs, references, unknown datasets) and places each issue at its field in the YAML.
+    produces_model: ClassVar[bool] = False  # its primary output is a model (a baseline for evaluate)
+
+    def check(self, ctx: SpecContext) -> list[SpecIssue]:
+        return []
+
+    def resolved(self, ctx: SpecContext) -> tuple[list[SpecIssue], StageBase]:
+        """This stage with the fields computed from the rest of the workflow (default: none)."""
+        return [], self
+
+    def _dataset_formats(
+        self, ctx: SpecContext, allowed: tuple[str, ...], why: str, fields: tuple[str, ...] | None = None
+    ) -> list[SpecIssue]:
+        """An issue for each known dataset of this stage whose format is not in ``allowed``."""
+        issues = []
+        for fpath, name in self.dataset_refs().items():
+            if (fields is None or fpath in fields) and name in ctx.formats:
+                fmt = ctx.formats[name]
+                if fmt not in allowed:
+                    options = " or ".join(map(repr, allowed))
+                    issues.append(
+                        SpecIssue(fpath, f"{why} a dataset of format {options}; {name!r} is {fmt!r}")
+                    )
+        return issues
 
 
 # --------------------------------------------------------------------------------------- finetune
@@ -372,8 +424,15 @@ class FinetuneStage(StageBase):
     def uses_adapter(self) -> bool:
         return self.method in ("lora", "qlora") or (self.method == "dpo" and self.lora is not None)
 
+    # --------------------------------------------------------------------------------------- evaluate
 
-# --------------------------------------------------------------------------------------- evaluate
+    produces_model: ClassVar[bool] = True
+
+    def check(self, ctx: SpecContext) -> list[SpecIssue]:
+        allowed = DATASET_FORMATS_FOR_METHOD[self.method]
+        return self._dataset_formats(
+            ctx, allowed, f"method {self.method!r} needs", ("dataset", "eval_dataset")
+        )
 
 
 class EvaluateGates(StrictModel):
@@ -535,8 +594,61 @@ class EvaluateStage(StageBase):
                 out["lm_eval.endpoint"] = self.lm_eval.endpoint
         return out
 
+    # --------------------------------------------------------------------------------------- quantize
 
-# --------------------------------------------------------------------------------------- quantize
+    def generated_metrics(self) -> list[str]:
+        """The metrics (requested or gated) that grade a generated answer and so need a reference."""
+        gates = self.gates
+        wanted = set(self.metrics) | set(gates.min_improvement or {})
+        if gates.min_exact_match is not None:
+            wanted.add("exact_match")
+        if gates.min_contains is not None:
+            wanted.add("contains")
+        return sorted(wanted & {"exact_match", "contains"})
+
+    def check(self, ctx: SpecContext) -> list[SpecIssue]:
+        generated = self.generated_metrics()
+        issues = []
+        for fpath, name in self.dataset_refs().items():
+            fmt = ctx.formats.get(name)
+            if generated and name in ctx.formats and fmt != "sft":
+                verb = (
+                    "compares generated completions, so it needs"
+                    if len(generated) == 1
+                    else ("compare generated completions, so they need")
+                )
+                issues.append(
+                    SpecIssue(
+                        fpath,
+                        f"{' and '.join(generated)} {verb} an 'sft' dataset; {name!r} is {fmt!r}",
+                        f"drop {' / '.join(generated)} (and the gates on it) or evaluate on an sft dataset",
+                    )
+                )
+        return issues
+
+    def resolved(self, ctx: SpecContext) -> tuple[list[SpecIssue], StageBase]:
+        """``gates.baseline_ref``: the model ``max_regression_vs`` names (the base or a model stage)."""
+        target = self.gates.max_regression_vs
+        if target is None:
+            return [], self
+        field = "gates.max_regression_vs"
+        if target == "base":
+            ref = BASE_MODEL_REF
+        elif target not in ctx.stages:
+            return [ctx.unknown_stage(field, target, ("base",))], self
+        else:
+            kind = ctx.kinds.get(target)
+            cls = STAGE_CLASSES.get(kind or "")
+            if cls is None or not cls.produces_model:
+                models = "/".join(k for k, c in STAGE_CLASSES.items() if c.produces_model)
+                message = (
+                    f"stage {target!r} (kind {kind!r}) produces no model; compare against 'base' or a "
+                    f"{models} stage"
+                )
+                return [SpecIssue(field, message)], self
+            ref = output_ref(target, cls.primary_output or "")
+        gates = self.gates.model_copy(update={"baseline_ref": ref})
+        return [], self.model_copy(update={"gates": gates})
 
 
 class CalibrationSpec(StrictModel):
@@ -614,8 +726,9 @@ class QuantizeStage(StageBase):
             out["gate.dataset"] = self.gate.dataset
         return out
 
+    # ----------------------------------------------------------------------------- distill and prune
 
-# ----------------------------------------------------------------------------- distill and prune
+    produces_model: ClassVar[bool] = True
 
 
 class StudentShapeSpec(StrictModel):
@@ -689,6 +802,12 @@ class DistillStage(StageBase):
             out["student"] = self.student
         return out
 
+    produces_model: ClassVar[bool] = True
+
+    def check(self, ctx: SpecContext) -> list[SpecIssue]:
+        # Distillation and pruning score token sequences: preference pairs have no single one.
+        return self._dataset_formats(ctx, ("sft", "text"), f"{self.kind} needs")
+
 
 class PruneSpec(StrictModel):
     intermediate_size: int | None = Field(
@@ -739,8 +858,13 @@ class PruneStage(StageBase):
             out["eval_dataset"] = self.eval_dataset
         return out
 
+    # ------------------------------------------------------------------------------------------ build
 
-# ------------------------------------------------------------------------------------------ build
+    produces_model: ClassVar[bool] = True
+
+    def check(self, ctx: SpecContext) -> list[SpecIssue]:
+        # Distillation and pruning score token sequences: preference pairs have no single one.
+        return self._dataset_formats(ctx, ("sft", "text"), f"{self.kind} needs")
 
 
 class TrtllmBuildSpec(StrictModel):
@@ -897,8 +1021,10 @@ class ServeStage(StageBase):
             out["speculative.draft"] = self.speculative.draft
         return out
 
+    # ----------------------------------------------------------------------------------------- deploy
 
-# ----------------------------------------------------------------------------------------- deploy
+    def check(self, ctx: SpecContext) -> list[SpecIssue]:
+        return bf16_thread_issues(self.scheduler, "scheduler.inference_precision", self, ctx)
 
 
 class RolloutGates(StrictModel):
@@ -1117,6 +1243,49 @@ class PromoteStage(StageBase):
         if self.candidate_endpoint is not None:
             out["candidate_endpoint"] = self.candidate_endpoint
         return out
+
+    def check(self, ctx: SpecContext) -> list[SpecIssue]:
+        issues = []
+        for j, req in enumerate(self.requires):
+            if req == self.name:
+                issues.append(SpecIssue(f"requires[{j}]", "a stage cannot require itself"))
+            elif req not in ctx.stages:
+                issues.append(ctx.unknown_stage(f"requires[{j}]", req))
+        for j, gate in enumerate(self.gates.metrics):
+            if gate.stage is not None and gate.stage not in ctx.stages:
+                issues.append(ctx.unknown_stage(f"gates.metrics[{j}].stage", gate.stage))
+        if self.endpoint is not None:
+            issues += bf16_thread_issues(
+                self.endpoint.scheduler, "endpoint.scheduler.inference_precision", self, ctx
+            )
+        return issues
+
+
+DATASET_FORMATS_FOR_METHOD = {
+    "sft": ("sft", "text"),
+    "lora": ("sft", "text"),
+    "qlora": ("sft", "text"),
+    "dpo": ("preference",),
+}
+
+
+def bf16_thread_issues(scheduler: Any, field: str, stage: StageBase, ctx: SpecContext) -> list[SpecIssue]:
+    """A bf16 CPU engine (a serve stage, or a promote stage's local production endpoint) on fewer
+    than 2 threads: OpenVINO 2026.4 dies with SIGFPE compiling it, so refuse it here with the fix."""
+    if scheduler.inference_precision != "bf16":
+        return []
+    own = stage.resources.cpus if stage.resources else None
+    cpus = int(own or ctx.cpus_per_stage)  # as the plan counts them
+    if cpus >= 2:
+        return []
+    return [
+        SpecIssue(
+            field,
+            f"bf16 needs 2 or more engine threads; this stage gets {cpus} "
+            "(OpenVINO 2026.4 crashes building a one-thread bf16 pipeline)",
+            "give the stage `resources: {cpus: 2}` or use inference_precision: f32",
+        )
+    ]
 
 
 Stage = Annotated[
