@@ -35,12 +35,12 @@ MBS, SEQ = 8, 64
 
 def _features(model_dir: Path) -> tuple[Any, int]:
     from forgeline_operators.data import pad_token_id
-    from forgeline_operators.finetune import sft
-    from forgeline_operators.finetune._train import load_tokenizer
+    from forgeline_operators.lib.hf_checkpoint import load_tokenizer
+    from forgeline_operators.lib.train_rows import sft_features
 
     tok = load_tokenizer(model_dir)
     rows = [json.loads(line) for line in DATA.read_text().splitlines()]
-    return sft.features(tok, rows, [], "sft", SEQ), pad_token_id(tok)
+    return sft_features(tok, rows, [], "sft", SEQ), pad_token_id(tok)
 
 
 def _cpu_ticks() -> tuple[int, int]:

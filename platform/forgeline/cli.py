@@ -316,7 +316,7 @@ def _submit(file: Path, on: str, namespace: str, pvc: str, image: str | None, ve
     if on != "kubernetes":
         raise _fail(ValueError(f"--on {on!r}: the only cluster kind is `kubernetes`"), verbose)
     from forgeline_operators.kube import kuberay
-    from forgeline_operators.kube.client import NoCluster, connect
+    from forgeline_operators.lib.kube_client import NoCluster, connect
     from forgeline_operators.kube.submit import SubmitError, submission, submit
 
     loaded = _load(file, verbose)

@@ -184,14 +184,15 @@ def test_training_evaluation_and_endpoint_prompts_are_the_same_ids(
     from transformers import AutoTokenizer
 
     from forgeline_operators.data import IGNORE_INDEX, generation_prompt
-    from forgeline_operators.finetune import dpo, sft
+    from forgeline_operators.finetune import dpo
+    from forgeline_operators.lib.train_rows import sft_features
 
     tok = AutoTokenizer.from_pretrained(smollm2)
     rows = [
         json.loads(line) for line in (ROOT / "workflows/data/held_out.jsonl").read_text().splitlines()[:5]
     ]
     prefs = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": "no"} for r in rows]
-    trained = sft.features(tok, rows, [], "sft", 512).train
+    trained = sft_features(tok, rows, [], "sft", 512).train
     paired = dpo.features(tok, prefs, [], 512).train
     engine_tok = ov_genai.Tokenizer(str(ir))  # what the Triton stub renders chat requests with
     with httpx.Client(base_url=endpoint, timeout=300) as client:

@@ -115,7 +115,7 @@ def kuberay_crd(api_client: object) -> Iterator[None]:
     import crds as crd_files
     from kubernetes import client
 
-    from forgeline_operators.kube.client import Kube, wait_for
+    from forgeline_operators.lib.kube_client import Kube, wait_for
 
     ext = client.ApiextensionsV1Api(api_client)  # type: ignore[arg-type]
 

@@ -135,7 +135,7 @@ def test_client_apply_discovery_and_status(
     """kube/client.py on the real server: SSA create of a custom object returns it (the client gives
     None there), re-apply is idempotent, status patches, discovery answers what 1.20 serves."""
     from forgeline_operators.build.k8s import engine_build
-    from forgeline_operators.kube.client import FIELD_MANAGER, Kube
+    from forgeline_operators.lib.kube_client import FIELD_MANAGER, Kube
 
     kube = Kube(api_client)
     body = engine_build(

@@ -29,7 +29,7 @@ from kubernetes import client
 
 from forgeline_operators.build.k8s import engine_build, job_name
 from forgeline_operators.build.operator import ENGINE_CACHE_ENV, store_engine
-from forgeline_operators.kube.client import Kube, wait_for
+from forgeline_operators.lib.kube_client import Kube, wait_for
 from forgeline_operators.ports import free_port
 
 pytestmark = pytest.mark.k8s

@@ -27,7 +27,7 @@ from prometheus_client import generate_latest
 
 from forgeline_operators.deploy.front import _Metrics
 from forgeline_operators.deploy.resources import API_VERSION, KIND, ModelEndpointSpec, revision_of, to_cr
-from forgeline_operators.kube.client import Kube, wait_for
+from forgeline_operators.lib.kube_client import Kube, wait_for
 
 pytestmark = pytest.mark.k8s
 ME = (API_VERSION, KIND)

@@ -20,7 +20,7 @@ from forgeline.runtime.context import DatasetInput, MemorySink, OperatorError, S
 from forgeline.spec import Workflow
 from forgeline_operators.finetune.nemo import operator as nemo_operator
 from forgeline_operators.finetune.nemo.validate import validate_rayjob
-from forgeline_operators.kube.client import Kube, wait_for
+from forgeline_operators.lib.kube_client import Kube, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFS = ROOT / "workflows" / "data" / "prefs.jsonl"

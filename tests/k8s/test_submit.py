@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from forgeline.cli import app
 from forgeline_operators.finetune.nemo.validate import validate_rayjob
-from forgeline_operators.kube.client import Kube
+from forgeline_operators.lib.kube_client import Kube
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "workflows" / "quickstart-tiny.yaml"

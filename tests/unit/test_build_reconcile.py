@@ -10,7 +10,7 @@ import pytest
 
 from forgeline_operators.build.k8s import engine_build, job_name
 from forgeline_operators.build.reconcile import EngineRecord, reconcile, termination_result
-from forgeline_operators.kube.client import owner_reference, wait_for
+from forgeline_operators.lib.kube_client import owner_reference, wait_for
 
 KEY = "a" * 64
 NOW = "2026-11-28T12:00:00Z"

@@ -26,8 +26,8 @@ from forgeline.spec import Workflow
 from forgeline.spec._datasets import read_dataset
 from forgeline_operators.data import IGNORE_INDEX, collate, encode_row, encode_rows
 from forgeline_operators.finetune._checkpoints import COMPLETE_MARKER
-from forgeline_operators.finetune._train import load_tokenizer
 from forgeline_operators.finetune.operator import run
+from forgeline_operators.lib.hf_checkpoint import load_tokenizer
 from forgeline_operators.models.tiny_llama import CHECKPOINT_DIR
 
 torch.set_num_threads(1)

@@ -15,7 +15,7 @@ from forgeline.runtime import make_planner
 from forgeline.spec import FinetuneStage, load_workflow
 from forgeline.spec._datasets import read_dataset
 from forgeline_operators.data import IGNORE_INDEX, encode_row
-from forgeline_operators.finetune import dpo, sft
+from forgeline_operators.finetune import dpo
 from forgeline_operators.finetune._checkpoints import (
     COMPLETE_MARKER,
     discard_incomplete,
@@ -25,6 +25,7 @@ from forgeline_operators.finetune._checkpoints import (
     stage_key,
 )
 from forgeline_operators.finetune.operator import schedule
+from forgeline_operators.lib.train_rows import sft_features
 from forgeline_operators.models.tiny_llama import CHECKPOINT_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,7 +40,7 @@ def _stage(**fields: object) -> FinetuneStage:
 
 @pytest.fixture(scope="module")
 def tokenizer() -> Any:
-    from forgeline_operators.finetune._train import load_tokenizer
+    from forgeline_operators.lib.hf_checkpoint import load_tokenizer
 
     return load_tokenizer(CHECKPOINT_DIR)
 
@@ -94,7 +95,7 @@ def test_only_marked_checkpoints_are_resumed_from(tmp_path: Path) -> None:
 
 def test_sft_features_are_the_evaluate_tokens(tokenizer: Any) -> None:
     rows = read_dataset(DATA / "chat_sft.jsonl", "sft")[:20]
-    feats = sft.features(tokenizer, rows[:15], rows[15:], "sft", 64)
+    feats = sft_features(tokenizer, rows[:15], rows[15:], "sft", 64)
     assert (len(feats.train), len(feats.eval), feats.rows) == (15, 5, 20)
     want = encode_row(tokenizer, rows[0], "sft", 64)
     assert feats.train[0] == {"input_ids": want.input_ids, "labels": want.labels}
@@ -106,7 +107,7 @@ def test_over_long_rows_are_counted_and_rows_without_completion_dropped(tokenize
     rows = read_dataset(DATA / "chat_sft.jsonl", "sft")[:10]
     prompt_lengths = [len(encode_row(tokenizer, r, "sft", 10_000).labels) for r in rows]
     cut = 12  # longer than some prompts, shorter than every full row
-    feats = sft.features(tokenizer, rows, [], "sft", cut)
+    feats = sft_features(tokenizer, rows, [], "sft", cut)
     assert feats.truncated_rows == sum(n > cut for n in prompt_lengths) == 10
     no_completion = sum(
         all(label == IGNORE_INDEX for label in encode_row(tokenizer, r, "sft", cut).labels[1:]) for r in rows

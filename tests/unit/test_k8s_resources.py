@@ -23,10 +23,10 @@ from forgeline_operators.deploy.resources import (
     revision_of,
     to_cr,
 )
-from forgeline_operators.kube.conditions import Condition, set_condition
-from forgeline_operators.kube.crd import camel
 from forgeline_operators.kube.crds import crd_files, crds
 from forgeline_operators.kube.validate import validate_manifests
+from forgeline_operators.lib.kube_conditions import Condition, set_condition
+from forgeline_operators.lib.kube_crd import camel
 
 ROOT = Path(__file__).resolve().parents[2]
 NIM_IMAGE = "nvcr.io/nim/meta/llama-3.1-8b-instruct:2.0.13"

@@ -20,10 +20,10 @@ pytest.importorskip("megatron.core")
 
 from forgeline.spec._models import LoraSpec  # noqa: E402
 from forgeline_operators.data import IGNORE_INDEX, pad_token_id  # noqa: E402
-from forgeline_operators.finetune import sft  # noqa: E402
-from forgeline_operators.finetune._train import load_tokenizer  # noqa: E402
 from forgeline_operators.finetune.megatron import convert, engine, launch, loop  # noqa: E402
 from forgeline_operators.finetune.megatron.model import build_model, shape_from_hf, transformer_config  # noqa: E402
+from forgeline_operators.lib.hf_checkpoint import load_tokenizer  # noqa: E402
+from forgeline_operators.lib.train_rows import sft_features  # noqa: E402
 
 TINY = Path(__file__).resolve().parents[2] / "operators" / "forgeline_operators" / "models" / "tiny_llama"
 DATA = Path(__file__).resolve().parents[2] / "workflows" / "data" / "chat_sft.jsonl"
@@ -112,7 +112,7 @@ def test_trained_exports_load_in_peft_and_transformers(tmp_path: Path, tp: int, 
 
     tok = load_tokenizer(TINY)
     rows = [json.loads(line) for line in DATA.read_text().splitlines()[:40]]
-    feats = sft.features(tok, rows[:32], rows[32:], "sft", 48)
+    feats = sft_features(tok, rows[:32], rows[32:], "sft", 48)
     settings = engine.Settings(
         tp=tp, pp=pp, lr=3e-3, total_steps=3, micro_batch_size=4, grad_accum=1, lora=lora
     )

@@ -22,10 +22,10 @@ pytest.importorskip("megatron.core")
 
 from forgeline.spec._models import LoraSpec  # noqa: E402
 from forgeline_operators.data import pad_token_id  # noqa: E402
-from forgeline_operators.finetune import sft  # noqa: E402
-from forgeline_operators.finetune._train import load_tokenizer  # noqa: E402
 from forgeline_operators.finetune.megatron import engine, launch, loop  # noqa: E402
 from forgeline_operators.finetune.megatron.model import shape_from_hf  # noqa: E402
+from forgeline_operators.lib.hf_checkpoint import load_tokenizer  # noqa: E402
+from forgeline_operators.lib.train_rows import sft_features  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +42,7 @@ def data() -> tuple[Any, int]:
     rows = [json.loads(line) for line in DATA.read_text().splitlines()[:48]]
     # raw: the numerics under test were pinned on the plain join, which fits 48 tokens untruncated
     # (tiny-llama's chat markup makes rows longer); rendering itself is tested in test_intervals.py.
-    return sft.features(tok, rows, [], "sft", 48, rendering="raw").train, pad_token_id(tok)
+    return sft_features(tok, rows, [], "sft", 48, rendering="raw").train, pad_token_id(tok)
 
 
 def _run(

@@ -32,10 +32,10 @@ pytest.importorskip("megatron.core")
 from forgeline.plan._estimates import finetune_memory, shape_from_dir  # noqa: E402
 from forgeline.spec._models import LoraSpec  # noqa: E402
 from forgeline_operators.data import pad_token_id  # noqa: E402
-from forgeline_operators.finetune import sft  # noqa: E402
-from forgeline_operators.finetune._train import load_tokenizer  # noqa: E402
 from forgeline_operators.finetune.megatron import _batches, engine, launch  # noqa: E402
 from forgeline_operators.finetune.megatron.model import shape_from_hf  # noqa: E402
+from forgeline_operators.lib.hf_checkpoint import load_tokenizer  # noqa: E402
+from forgeline_operators.lib.train_rows import sft_features  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +49,7 @@ LORA = LoraSpec(r=8, alpha=16, dropout=0.0)
 def data() -> tuple[Any, int]:
     tok = load_tokenizer(TINY)
     rows = [json.loads(line) for line in DATA.read_text().splitlines()[:64]]
-    return sft.features(tok, rows, [], "sft", SEQ).train, pad_token_id(tok)
+    return sft_features(tok, rows, [], "sft", SEQ).train, pad_token_id(tok)
 
 
 class _Saved:

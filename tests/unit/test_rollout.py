@@ -206,7 +206,7 @@ def test_restart_mid_rollout_resumes_from_status_alone() -> None:
     w.step(s, 2, T0)
     w.step(s, 2, T0 + datetime.timedelta(seconds=30), GOOD)  # now at step 1 (50 %)
     # A new operator: only the stored status (round-tripped through its wire form) and the cluster.
-    from forgeline_operators.kube.crd import from_wire, to_wire
+    from forgeline_operators.lib.kube_crd import from_wire, to_wire
 
     stored = from_wire(ModelEndpointStatus, to_wire(w.status))
     assert stored == w.status

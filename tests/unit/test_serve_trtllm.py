@@ -12,7 +12,7 @@ import pytest
 
 from forgeline.runtime.context import MemorySink, OperatorError, StageContext
 from forgeline.spec._models import ServeStage, TrtllmBuildSpec, Workflow
-from forgeline_operators.build.trtllm import llm_api_options
+from forgeline_operators.lib.trtllm import llm_api_options
 from forgeline_operators.models.tiny_llama import CHECKPOINT_DIR
 from forgeline_operators.serve import trtllm_repository as t
 from forgeline_operators.serve.operator import run as serve

@@ -28,7 +28,7 @@ from forgeline.artifacts import dir_digest
 from forgeline_operators.build.k8s import API_VERSION, KIND, job_name
 from forgeline_operators.build.operator import ENGINE_CACHE_ENV, cached_engine
 from forgeline_operators.build.reconcile import EngineRecord, reconcile
-from forgeline_operators.kube.client import Kube, connect
+from forgeline_operators.lib.kube_client import Kube, connect
 
 __all__ = ["lookup_engine", "step"]
 

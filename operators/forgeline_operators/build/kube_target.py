@@ -20,7 +20,7 @@ from typing import Any
 
 from forgeline.runtime.context import OperatorError, StageContext, StageResult
 from forgeline_operators.build.k8s import API_VERSION, KIND, engine_build
-from forgeline_operators.kube.client import Kube, NoCluster, connect, wait_for
+from forgeline_operators.lib.kube_client import Kube, NoCluster, connect, wait_for
 
 __all__ = ["ARTIFACTS_ENV", "NAMESPACE_ENV", "build_on_kubernetes"]
 

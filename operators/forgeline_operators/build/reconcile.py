@@ -21,8 +21,8 @@ from typing import Any, Literal
 
 from forgeline_operators.build.k8s import engine_build_job, job_name
 from forgeline_operators.build.resources import EngineBuildStatus, from_cr
-from forgeline_operators.kube.conditions import Condition, set_condition
-from forgeline_operators.kube.crd import to_wire
+from forgeline_operators.lib.kube_conditions import Condition, set_condition
+from forgeline_operators.lib.kube_crd import to_wire
 
 __all__ = ["EngineRecord", "Outcome", "reconcile", "termination_result"]
 

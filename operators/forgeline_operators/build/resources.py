@@ -14,8 +14,8 @@ from typing import Any, Literal
 from pydantic import Field
 
 from forgeline.spec._models import TrtllmBuildSpec
-from forgeline_operators.kube.conditions import Condition, CrModel
-from forgeline_operators.kube.crd import VERBATIM, PrinterColumn, crd, from_wire
+from forgeline_operators.lib.kube_conditions import Condition, CrModel
+from forgeline_operators.lib.kube_crd import VERBATIM, PrinterColumn, crd, from_wire
 
 __all__ = ["EngineBuildSpec", "EngineBuildStatus", "engine_build_crd", "from_cr"]
 

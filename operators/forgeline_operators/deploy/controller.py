@@ -35,8 +35,8 @@ from forgeline_operators.deploy.resources import (
     from_cr,
 )
 from forgeline_operators.deploy.rollout import GateMetrics, Observed, Plan, gate_due, reconcile
-from forgeline_operators.kube.client import Kube, connect
-from forgeline_operators.kube.crd import to_wire
+from forgeline_operators.lib.kube_client import Kube, connect
+from forgeline_operators.lib.kube_crd import to_wire
 
 __all__ = ["ENDPOINT_LABEL", "REVISION_LABEL", "merge_patch", "step"]
 

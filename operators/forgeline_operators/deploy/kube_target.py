@@ -14,7 +14,7 @@ from typing import Any
 
 from forgeline.runtime.context import OperatorError
 from forgeline_operators.deploy.resources import API_VERSION, KIND, EndpointModel, ModelEndpointSpec, to_cr
-from forgeline_operators.kube.client import Kube
+from forgeline_operators.lib.kube_client import Kube
 
 __all__ = ["deadline_s", "deploy", "endpoint_spec", "model_uri"]
 

@@ -58,7 +58,7 @@ def run(ctx: StageContext) -> StageResult:
 
 def _run_kubernetes(ctx: StageContext) -> StageResult:
     from forgeline_operators.deploy.kube_target import deploy, endpoint_spec
-    from forgeline_operators.kube.client import NoCluster, connect
+    from forgeline_operators.lib.kube_client import NoCluster, connect
 
     stage = ctx.stage
     name = stage.endpoint_name or ctx.workflow.name

@@ -2,7 +2,7 @@
 CRD, the revision hash, and the conversion between the models and the CR's camelCase wire form.
 
 The spec reuses the workflow's own models (``RolloutSpec``, ``KubernetesDeploySpec``), so a deploy
-stage's YAML and the CR are the same fields; :func:`forgeline_operators.kube.crd.crd` turns them into
+stage's YAML and the CR are the same fields; :func:`forgeline_operators.lib.kube_crd.crd` turns them into
 the CRD's structural schema. A *revision* is the hash of what a pod runs (runtime, model, the pod-
 relevant ``kubernetes`` settings); replica counts are not part of it, so scaling never rolls out.
 The status is written only by the endpoint controller and carries the rollout's progress, so a
@@ -18,8 +18,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field
 
 from forgeline.spec._models import ADAPTER_NAME_PATTERN, KubernetesDeploySpec, RolloutSpec
-from forgeline_operators.kube.conditions import Condition, CrModel
-from forgeline_operators.kube.crd import PrinterColumn, crd, from_wire, to_wire
+from forgeline_operators.lib.kube_conditions import Condition, CrModel
+from forgeline_operators.lib.kube_crd import PrinterColumn, crd, from_wire, to_wire
 
 __all__ = [
     "API_VERSION",

@@ -25,7 +25,7 @@ same step. Strategies:
   ``rollbackReason``). A rolled-back revision is not retried until ``metadata.generation`` changes.
 
 ``observedGeneration`` is the generation last acted on; conditions move their ``lastTransitionTime``
-only when their status flips (:func:`forgeline_operators.kube.conditions.set_condition`).
+only when their status flips (:func:`forgeline_operators.lib.kube_conditions.set_condition`).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from forgeline_operators.deploy.resources import (
     ModelEndpointStatus,
     revision_of,
 )
-from forgeline_operators.kube.conditions import Condition, set_condition
+from forgeline_operators.lib.kube_conditions import Condition, set_condition
 
 __all__ = [
     "ApplyRevision",

@@ -82,7 +82,8 @@ def _model_dir(outputs: Sequence[Path]) -> Path | None:
 def _answers_and_scores(
     model_dir: Path, tokenizer: Any, prompts: list[list[int]], examples: Any, max_new_tokens: int
 ) -> tuple[list[str], float]:
-    from forgeline_operators.evaluate.operator import _generate, _load_model, score_examples
+    from forgeline_operators.evaluate.operator import _generate, _load_model
+    from forgeline_operators.lib.scoring import score_examples
 
     vocab = max(max(e.input_ids) for e in examples) + 1
     model = _load_model(model_dir, max(vocab, max(max(p) for p in prompts) + 1))

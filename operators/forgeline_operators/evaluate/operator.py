@@ -15,23 +15,17 @@ a failed gate still leaves its numbers in the tracking run.
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from forgeline.runtime.context import GateFailed, OperatorError, StageContext, StageResult
 from forgeline_operators.data import (
-    IGNORE_INDEX,
     Example,
-    collate,
     encode_rows,
     generation_prompt,
     left_pad,
@@ -39,52 +33,10 @@ from forgeline_operators.data import (
     reference_text,
     resolve_rendering,
 )
-from forgeline_operators.lib.intervals import Interval, RowStats, eval_set_digest, paired_bootstrap
+from forgeline_operators.lib.intervals import Interval, eval_set_digest, paired_bootstrap
+from forgeline_operators.lib.scoring import Scores, batches, score_examples
 
-__all__ = ["Scores", "run", "score_examples"]
-
-
-@dataclass
-class Scores:
-    """Sums over graded tokens for one model; per-row values feed ``samples.jsonl``."""
-
-    nll: float = 0.0
-    tokens: int = 0
-    correct: int = 0
-    row_nll: list[float] = field(default_factory=list)
-    row_tokens: list[int] = field(default_factory=list)
-    row_correct: list[int] = field(default_factory=list)
-    predictions: list[str] | None = None
-    row_exact: list[bool] = field(default_factory=list)
-    row_contains: list[bool] = field(default_factory=list)
-
-    @property
-    def exact(self) -> int:
-        return sum(self.row_exact)
-
-    def rows(self) -> RowStats:
-        return RowStats(
-            nll=np.asarray(self.row_nll, dtype=float),
-            tokens=np.asarray(self.row_tokens, dtype=float),
-            correct=np.asarray(self.row_correct, dtype=float),
-            exact=np.asarray(self.row_exact, dtype=float) if self.predictions is not None else None,
-            contains=np.asarray(self.row_contains, dtype=float) if self.predictions is not None else None,
-        )
-
-    @property
-    def loss(self) -> float:
-        return self.nll / self.tokens
-
-    def metrics(self, references: int) -> dict[str, float]:
-        out = {
-            "loss": self.loss,
-            "perplexity": math.exp(self.loss),
-            "token_accuracy": self.correct / self.tokens,
-        }
-        if self.predictions is not None:
-            out["exact_match"] = self.exact / references
-            out["contains"] = sum(self.row_contains) / references
-        return out
+__all__ = ["run"]
 
 
 GENERATED = ("exact_match", "contains")  # metrics that grade a greedy answer against the reference
@@ -99,10 +51,6 @@ def contains(answer: str, reference: str) -> bool:
     return re.search(pattern, answer, flags=re.IGNORECASE) is not None
 
 
-def _batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
-
-
 def _load_model(path: Path, vocab_needed: int) -> Any:
     model: Any = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
     model.eval()
@@ -113,28 +61,6 @@ def _load_model(path: Path, vocab_needed: int) -> Any:
             f"{vocab_needed - 1}: model and tokenizer do not match"
         )
     return model
-
-
-def score_examples(model: Any, examples: Sequence[Example], batch_size: int, pad_id: int) -> Scores:
-    """Teacher-forced NLL and next-token accuracy over graded tokens; also used by quantize gates."""
-    scores = Scores()
-    for batch in _batches(examples, batch_size):
-        enc = collate(batch, pad_id)
-        logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.float()
-        # Position t predicts token t+1: the transformers causal-LM loss convention.
-        logits, labels = logits[:, :-1], enc["labels"][:, 1:]
-        graded = labels != IGNORE_INDEX
-        nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
-        correct = (logits.argmax(dim=-1) == labels) & graded
-        row_nll = nll.double().sum(dim=1)
-        row_tokens = graded.sum(dim=1)
-        scores.row_nll += row_nll.tolist()
-        scores.row_tokens += row_tokens.tolist()
-        scores.row_correct += correct.sum(dim=1).tolist()
-        scores.nll += float(row_nll.sum())
-        scores.tokens += int(row_tokens.sum())
-        scores.correct += int(correct.sum())
-    return scores
 
 
 def _generate(
@@ -149,7 +75,7 @@ def _generate(
         do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=sorted(eos_ids)
     )
     predictions: list[str] = []
-    for batch in _batches(prompts, batch_size):
+    for batch in batches(prompts, batch_size):
         input_ids, attention_mask = left_pad(batch, pad_id)
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
         for seq in out[:, input_ids.shape[1] :].tolist():

@@ -11,24 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from forgeline.spec import FinetuneStage
+from forgeline_operators.lib.train_rows import Features
 
-__all__ = ["Feature", "Features", "MetricsTarget", "Schedule", "TrainJob", "TrainOutcome"]
-
-Feature = dict[str, list[int]]
-
-
-@dataclass(frozen=True)
-class Features:
-    """Tokenised rows (``input_ids``/``labels`` for sft; ``prompt_ids``/``chosen_ids``/``rejected_ids``
-    for dpo) and the row accounting that is reported, never silent."""
-
-    train: list[Feature]
-    eval: list[Feature]
-    rows: int  # valid rows read from the dataset(s)
-    truncated_rows: int  # cut at max_seq_len (kept, their tail is not trained on)
-    dropped_rows: int  # nothing left to learn within max_seq_len (excluded)
-    train_tokens: int  # non-padding tokens of one pass over the training rows
-    rendering: str = "raw"  # "chat_template" | "raw": how the rows became text (data.resolve_rendering)
+__all__ = ["MetricsTarget", "Schedule", "TrainJob", "TrainOutcome"]
 
 
 @dataclass(frozen=True)

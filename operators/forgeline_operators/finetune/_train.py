@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from transformers import AutoModelForCausalLM, TrainerCallback
 
 from forgeline.runtime.context import MetricSink, OperatorError
 from forgeline.spec._models import LoraSpec, QLoraSpec
@@ -31,17 +31,15 @@ from forgeline_operators.finetune._checkpoints import (
     step_of,
 )
 from forgeline_operators.finetune._job import TrainJob, TrainOutcome
+from forgeline_operators.lib.hf_checkpoint import adapter_base_dir, load_causal_lm
 
 __all__ = [
     "MetricsCallback",
-    "adapter_base_dir",
     "common_args",
     "finish",
     "is_rank0",
-    "load_causal_lm",
     "load_model",
     "load_policy",
-    "load_tokenizer",
     "lora_config",
     "prepare_resume",
     "save_outputs",
@@ -67,27 +65,6 @@ def is_rank0() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
-def load_tokenizer(model_dir: Path) -> Any:
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    if tokenizer.pad_token is None:  # padding is masked out, so EOS serves (as in data.pad_token_id)
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def adapter_base_dir(model_dir: Path) -> Path | None:
-    """For a PEFT adapter directory, the base model it was trained on; None for a full checkpoint."""
-    config = model_dir / "adapter_config.json"
-    if not config.is_file():
-        return None
-    base = Path(json.loads(config.read_text())["base_model_name_or_path"])
-    if not (base / "config.json").is_file():
-        raise OperatorError(
-            f"{model_dir} is a LoRA adapter whose base model {base} is gone; "
-            "start from the stage's merged output instead"
-        )
-    return base
-
-
 def _dtype(job: TrainJob) -> torch.dtype:
     precision = job.stage.training.precision
     if job.device == "gpu" and precision == "bf16":
@@ -100,21 +77,6 @@ def _dtype(job: TrainJob) -> torch.dtype:
 def load_model(job: TrainJob, model_dir: Path) -> Any:
     """A full causal LM from a checkpoint, or from an adapter directory merged into its base in memory."""
     return load_causal_lm(model_dir, _dtype(job))
-
-
-def load_causal_lm(model_dir: Path, dtype: torch.dtype) -> Any:
-    """:func:`load_model` without a TrainJob (distillation loads teacher and student with it)."""
-    base = adapter_base_dir(model_dir)
-    if base is None:
-        return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
-    from peft import PeftModel
-
-    merged = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype), model_dir
-    )
-    model = merged.merge_and_unload()
-    model.config._name_or_path = str(model_dir)
-    return model
 
 
 def load_policy(job: TrainJob) -> tuple[Any, Any]:
@@ -297,7 +259,7 @@ def save_outputs(job: TrainJob, model: Any, tokenizer: Any) -> list[str]:
     else:
         merged = job.output_dir / "merged"
         if job.stage.qat is not None:
-            from forgeline_operators.quantize._modelopt import export_hf
+            from forgeline_operators.lib.modelopt_ptq import export_hf
 
             model.eval()
             export_hf(model, merged, job.stage.qat.export_dtype)  # the quantize stage's export

@@ -15,7 +15,9 @@ from typing import Any
 from forgeline.runtime.context import MetricSink
 from forgeline_operators.data import IGNORE_INDEX, encode_row, resolve_rendering
 from forgeline_operators.finetune import _train
-from forgeline_operators.finetune._job import Feature, Features, TrainJob, TrainOutcome
+from forgeline_operators.finetune._job import TrainJob, TrainOutcome
+from forgeline_operators.lib import hf_checkpoint
+from forgeline_operators.lib.train_rows import Feature, Features
 
 __all__ = ["features", "train"]
 
@@ -102,7 +104,7 @@ def train(job: TrainJob, sink: MetricSink | None) -> TrainOutcome:
 
     _train.setup_process(job)
     dpo = job.stage.dpo
-    tokenizer = _train.load_tokenizer(job.base_dir)
+    tokenizer = hf_checkpoint.load_tokenizer(job.base_dir)
     model, peft_config = _train.load_policy(job)
     reference = None
     if job.reference_dir is not None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import shutil
 from collections.abc import Mapping
 from typing import Any
@@ -19,9 +18,10 @@ from typing import Any
 from forgeline.runtime.context import MetricSink, OperatorError, StageContext, StageResult
 from forgeline.spec import FinetuneStage
 from forgeline_operators.finetune._checkpoints import durable_dir, latest_complete
-from forgeline_operators.finetune._job import Features, MetricsTarget, Schedule, TrainJob, TrainOutcome
+from forgeline_operators.finetune._job import MetricsTarget, Schedule, TrainJob, TrainOutcome
+from forgeline_operators.lib.train_rows import Features, sft_features, split_rows
 
-__all__ = ["run", "split_rows", "train_entry"]
+__all__ = ["run", "train_entry"]
 
 # Placement of Ray Train workers: wait at most this long for a busy cluster (never forever).
 PLACEMENT_TIMEOUT_S = float(os.environ.get("FORGELINE_TRAIN_PLACEMENT_TIMEOUT_S", "120"))
@@ -45,23 +45,6 @@ def _split(ctx: StageContext, stage: FinetuneStage) -> tuple[list[dict[str, Any]
     return split_rows(ctx, stage.dataset, stage.eval_dataset, t.eval_fraction, t.seed)
 
 
-def split_rows(
-    ctx: StageContext, dataset: str, eval_dataset: str | None, eval_fraction: float, seed: int
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Train and eval rows: ``eval_dataset`` when given, else a seeded ``eval_fraction`` split
-    (at least one eval row when the fraction is positive). Distillation splits the same way."""
-    rows = ctx.read_rows(dataset)
-    if eval_dataset:
-        return rows, ctx.read_rows(eval_dataset)
-    n_eval = round(len(rows) * eval_fraction)
-    if eval_fraction > 0 and len(rows) >= 2:
-        n_eval = max(1, n_eval)
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
-    held = set(order[:n_eval])
-    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
-
-
 def _features(ctx: StageContext, stage: FinetuneStage, tokenizer: Any) -> Features:
     train_rows, eval_rows = _split(ctx, stage)
     max_len = stage.training.max_seq_len
@@ -72,9 +55,7 @@ def _features(ctx: StageContext, stage: FinetuneStage, tokenizer: Any) -> Featur
 
             feats = dpo.features(tokenizer, train_rows, eval_rows, max_len, dataset.rendering)
         else:
-            from forgeline_operators.finetune import sft
-
-            feats = sft.features(tokenizer, train_rows, eval_rows, dataset.format, max_len, dataset.rendering)
+            feats = sft_features(tokenizer, train_rows, eval_rows, dataset.format, max_len, dataset.rendering)
     except ValueError as e:  # a rendering the tokenizer cannot do, a template that cannot be masked
         raise OperatorError(f"dataset {stage.dataset!r}: {e}") from None
     if feats.truncated_rows:
@@ -134,7 +115,7 @@ def _cpus_per_worker(ctx: StageContext, stage: FinetuneStage) -> float:
 
 def _job(ctx: StageContext, stage: FinetuneStage, device: str) -> TrainJob:
     from forgeline_operators.data import pad_token_id
-    from forgeline_operators.finetune._train import load_tokenizer
+    from forgeline_operators.lib.hf_checkpoint import load_tokenizer
 
     base_dir = ctx.input_path(stage.base)
     if stage.method == "qlora" and (base_dir / "adapter_config.json").is_file():

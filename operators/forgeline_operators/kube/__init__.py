@@ -1,5 +1,8 @@
-"""Kubernetes plumbing shared by Forgeline's cluster operators: CRD generation from the pydantic models
-(:mod:`.crd`), offline validation of every manifest against its real schema (:mod:`.validate`), the
-API client helpers and the operator process (owned by the controllers' authors). Importing this package
-imports neither kopf nor the Kubernetes client.
+"""The Kubernetes face of the operators: ``forgeline render`` (:mod:`.render`), the generated CRD files
+(:mod:`.crds`), offline validation of every rendered manifest (:mod:`.validate`), ``run --on kubernetes``
+(:mod:`.kuberay`, :mod:`.submit`) and the operator process that runs both controllers (:mod:`.operator`).
+It sits above the stage folders (it renders their objects); the plumbing the stages share -- the API
+client, CRD generation, conditions, built-in schema checks -- is in :mod:`forgeline_operators.lib`
+(``kube_*``), so no stage imports this package. Importing it imports neither kopf nor the Kubernetes
+client.
 """

@@ -22,7 +22,7 @@ from typing import Any
 
 from forgeline.spec import LoadedWorkflow
 from forgeline_operators.kube import kuberay
-from forgeline_operators.kube.client import Kube
+from forgeline_operators.lib.kube_client import Kube
 
 __all__ = ["CONFIGMAP_LIMIT", "SubmitError", "submission", "submit"]
 

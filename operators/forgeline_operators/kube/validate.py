@@ -1,8 +1,9 @@
 """Offline validation of every manifest Forgeline renders, each against its real schema.
 
 * Kubernetes built-ins (Deployment, Service, HPA ``autoscaling/v2``, PDB ``policy/v1``, Job, RBAC, CRDs...):
-  ``kubernetes-validate`` in strict mode (unknown fields fail) for Kubernetes :data:`K8S_VERSION`; a
-  kind without a schema there is a failure, never a pass.
+  ``kubernetes-validate`` in strict mode (unknown fields fail) for Kubernetes
+  :data:`~forgeline_operators.lib.kube_builtins.K8S_VERSION`; a kind without a schema there is a
+  failure, never a pass (:func:`~forgeline_operators.lib.kube_builtins.validate_builtin`).
 * Custom resources, with ``jsonschema`` against their CRD's ``openAPIV3Schema``: ours (``forgeline.dev``,
   generated from the pydantic models), NVIDIA's ``NIMService`` (k8s-nim-operator v3.1.2), Gateway API
   ``HTTPRoute`` v1 (v1.6.1, standard channel), KubeRay ``RayJob`` / ``RayCluster`` (v1.7.0). Objects
@@ -21,9 +22,10 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-__all__ = ["K8S_VERSION", "validate_builtin", "validate_manifests"]
+from forgeline_operators.lib.kube_builtins import validate_builtin
 
-K8S_VERSION = "1.31"
+__all__ = ["validate_manifests"]
+
 _HERE = Path(__file__).parent
 SCHEMAS = {
     ("apps.nvidia.com/v1alpha1", "NIMService"): _HERE
@@ -99,20 +101,6 @@ def _errors(validator: Any, obj: dict[str, Any], where: str) -> list[str]:
         f"{where}: {'.'.join(str(p) for p in e.absolute_path) or '(root)'}: {e.message}"
         for e in sorted(validator.iter_errors(obj), key=lambda e: [str(p) for p in e.absolute_path])
     ]
-
-
-def validate_builtin(obj: dict[str, Any], where: str) -> list[str]:
-    """Problems with one built-in object (strict, Kubernetes :data:`K8S_VERSION`; no schema = a problem)."""
-    import kubernetes_validate
-    from kubernetes_validate.utils import SchemaNotFoundError, ValidationError
-
-    try:
-        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
-    except SchemaNotFoundError:
-        return [f"{where}: no Kubernetes {K8S_VERSION} schema for {obj.get('apiVersion')}/{obj.get('kind')}"]
-    except ValidationError as e:
-        return [f"{where}: {'.'.join(str(p) for p in e.absolute_path) or '(root)'}: {e.message}"]
-    return []
 
 
 def _pod_templates(obj: dict[str, Any], where: str) -> list[str]:

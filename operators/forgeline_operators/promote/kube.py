@@ -15,8 +15,8 @@ from typing import Any
 
 from forgeline_operators.deploy.endpoint import EndpointError
 from forgeline_operators.deploy.resources import API_VERSION, KIND, from_cr, revision_of
-from forgeline_operators.kube.client import Kube, wait_for
-from forgeline_operators.kube.crd import to_wire
+from forgeline_operators.lib.kube_client import Kube, wait_for
+from forgeline_operators.lib.kube_crd import to_wire
 
 __all__ = ["point_model_endpoint"]
 

@@ -192,7 +192,7 @@ def _point(
 ) -> dict[str, Any]:
     """Make the endpoint serve ``version`` (and wait until it does); what to record about it."""
     if spec.target == "kubernetes":
-        from forgeline_operators.kube.client import NoCluster, connect
+        from forgeline_operators.lib.kube_client import NoCluster, connect
         from forgeline_operators.promote.kube import point_model_endpoint
 
         try:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from forgeline_operators.data import IGNORE_INDEX, Example, collate
-from forgeline_operators.evaluate.operator import score_examples
+from forgeline_operators.lib.scoring import score_examples
 
 __all__ = ["EVAL_BATCH", "held_out_kl", "held_out_loss", "parameters", "perplexity", "weight_bytes"]
 

@@ -3,8 +3,8 @@
 The student is a model reference (typically a prune stage's checkpoint: prune, then distill to
 recover) or a shape derived from the teacher (``student: {num_hidden_layers: 1}``: those teacher
 layers copied, see :mod:`._surgery`). Rows come from the workflow's sft or text datasets, split and
-tokenised exactly as the finetune stage does (:func:`finetune.operator.split_rows`,
-:func:`finetune.sft.features`), and the objective is in :mod:`._distill_train`.
+tokenised exactly as the finetune stage does (:func:`forgeline_operators.lib.train_rows.split_rows`,
+:func:`~forgeline_operators.lib.train_rows.sft_features`), and the objective is in :mod:`._distill_train`.
 
 Measured and logged to the stage's MLflow run: parameters and weight bytes of teacher and student,
 held-out loss / perplexity of the teacher and of the student before and after training, and the
@@ -24,9 +24,8 @@ import torch
 from forgeline.runtime.context import OperatorError, StageContext, StageResult
 from forgeline.spec import DistillStage
 from forgeline_operators.data import Example, pad_token_id
-from forgeline_operators.finetune._train import load_causal_lm, load_tokenizer
-from forgeline_operators.finetune.operator import split_rows
-from forgeline_operators.finetune.sft import features
+from forgeline_operators.lib.hf_checkpoint import load_causal_lm, load_tokenizer
+from forgeline_operators.lib.train_rows import sft_features, split_rows
 from forgeline_operators.quantize import _measure as measure
 from forgeline_operators.quantize._distill_train import train
 from forgeline_operators.quantize._surgery import evenly_spaced, rebuild
@@ -62,7 +61,7 @@ def _examples(
         )
     t = stage.training
     train_rows, eval_rows = split_rows(ctx, stage.dataset, stage.eval_dataset, t.eval_fraction, t.seed)
-    feats = features(tokenizer, train_rows, eval_rows, fmt, t.max_seq_len, dataset.rendering)
+    feats = sft_features(tokenizer, train_rows, eval_rows, fmt, t.max_seq_len, dataset.rendering)
     train_ex = [Example(f["input_ids"], f["labels"], False) for f in feats.train]
     eval_ex = [Example(f["input_ids"], f["labels"], False) for f in feats.eval][:EVAL_ROWS]
     if not train_ex:

@@ -18,7 +18,7 @@ import torch
 
 from forgeline.runtime.context import GateFailed
 from forgeline_operators.data import IGNORE_INDEX, Example, collate
-from forgeline_operators.evaluate.operator import score_examples
+from forgeline_operators.lib.scoring import score_examples
 
 __all__ = ["GateResult", "check_gate", "compare"]
 

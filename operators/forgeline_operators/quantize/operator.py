@@ -96,7 +96,7 @@ def _weight_bytes(directory: Path) -> int:
 
 
 def _export_modelopt(ctx: StageContext, stage: Any, model: Any, tokenizer: Any) -> dict[str, Path]:
-    from forgeline_operators.quantize import _modelopt as mo
+    from forgeline_operators.lib import modelopt_ptq as mo
 
     out = ctx.output_dir / "checkpoint"
     mo.export_hf(model, out, stage.export_dtype or mo.DEFAULT_EXPORT_DTYPE)
@@ -116,14 +116,14 @@ def _quantize(
     if stage.format in NNCF_FORMATS:
         import nncf
 
-        from forgeline_operators.build.openvino import export_ir, load_ov_model
+        from forgeline_operators.lib.openvino_ir import export_ir, load_ov_model
 
         out = ctx.output_dir / "checkpoint"
         export_ir(parent_dir, out, NNCF_FORMATS[stage.format], ctx.work_dir)
         return load_ov_model(out), {"checkpoint": out}, {"library": "nncf", "version": nncf.__version__}
     import modelopt
 
-    from forgeline_operators.quantize import _modelopt as mo
+    from forgeline_operators.lib import modelopt_ptq as mo
 
     model = mo.quantize(_load(parent_dir), stage.format, stage.kv_cache_dtype, calibration)
     return model, {}, {"library": "nvidia-modelopt", "version": modelopt.__version__}
@@ -154,7 +154,7 @@ def run(ctx: StageContext) -> StageResult:
     metrics.update(sizes)
     ctx.log_metrics(sizes)
     if stage.format not in NNCF_FORMATS:
-        from forgeline_operators.quantize._modelopt import DEFAULT_EXPORT_DTYPE
+        from forgeline_operators.lib.modelopt_ptq import DEFAULT_EXPORT_DTYPE
 
         provenance["export_dtype"] = stage.export_dtype or DEFAULT_EXPORT_DTYPE
     meta = {"format": stage.format, "parent": stage.model, **provenance, **_algo(outputs), "metrics": metrics}

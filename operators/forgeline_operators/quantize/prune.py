@@ -33,7 +33,7 @@ import torch
 from forgeline.runtime.context import OperatorError, StageContext, StageResult
 from forgeline.spec import PruneStage
 from forgeline_operators.data import Example, encode_rows, pad_token_id
-from forgeline_operators.finetune._train import load_causal_lm, load_tokenizer
+from forgeline_operators.lib.hf_checkpoint import load_causal_lm, load_tokenizer
 from forgeline_operators.quantize import _measure as measure
 from forgeline_operators.quantize._surgery import check_layout, rebuild
 

@@ -1,13 +1,13 @@
 """Quantization-aware training for the finetune stage (``qat:``), ModelOpt's quantize-then-train flow.
 
 Before training, the model gets ModelOpt quantizers of ``qat.format`` calibrated on the first
-``calibration_samples`` training rows (:func:`._modelopt.quantize`, the quantize stage's own code);
-the normal training loop then trains through the simulated quantization (straight-through
-estimator), and the result is exported like the quantize stage's output (unified HF checkpoint with
-``hf_quant_config.json``). PTQ vs QAT on the same data is measured in the same run: the stage's eval
-rows are scored by the starting model, by the calibrated-but-untrained model (that *is* PTQ of the
-starting model with the same calibration rows: ``ptq_perplexity``) and by the trained quantized model
-(``qat_perplexity``); the gate numbers are :mod:`.gate`'s, against the starting model.
+``calibration_samples`` training rows (:func:`forgeline_operators.lib.modelopt_ptq.quantize`, the
+quantize stage's own code); the normal training loop then trains through the simulated quantization
+(straight-through estimator), and the result is exported like the quantize stage's output (unified HF
+checkpoint with ``hf_quant_config.json``). PTQ vs QAT on the same data is measured in the same run:
+the stage's eval rows are scored by the starting model, by the calibrated-but-untrained model (that
+*is* PTQ of the starting model with the same calibration rows: ``ptq_perplexity``) and by the trained
+quantized model (``qat_perplexity``); the gate numbers are :mod:`.gate`'s, against the starting model.
 
 ``ptq_perplexity`` is PTQ of the *starting* model, so QAT's lead over it includes the fine-tuning
 itself. For PTQ vs QAT of the same fine-tune, run ``finetune`` (sft) -> ``quantize`` with
@@ -41,7 +41,7 @@ def eval_examples(job: Any) -> list[Example]:
 
 def prepare(job: Any, model: Any) -> tuple[Any, dict[str, float]]:
     """Insert and calibrate the quantizers; returns the model and the PTQ number (before training)."""
-    from forgeline_operators.quantize import _modelopt as mo
+    from forgeline_operators.lib import modelopt_ptq as mo
 
     qat = job.stage.qat
     calibration = [f["input_ids"] for f in job.features.train[: qat.calibration_samples]]

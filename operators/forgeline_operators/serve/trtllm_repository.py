@@ -419,7 +419,7 @@ def llmapi_config(spec: TrtllmRepositorySpec) -> str:
 
 def llmapi_model_yaml(model: str, llm_args: dict[str, Any], spec: TrtllmRepositorySpec) -> str:
     """``tensorrt_llm/1/model.yaml``: the LLM-API arguments (the build stage's profile) + triton_config."""
-    from forgeline_operators.build.trtllm import render_yaml
+    from forgeline_operators.lib.trtllm import render_yaml
 
     args = {"model": model, "backend": "pytorch", **llm_args}
     args["triton_config"] = {"max_batch_size": 0, "decoupled": spec.decoupled}

@@ -65,7 +65,7 @@ def run_trtllm(ctx: StageContext) -> StageResult:
         build_trtllm_repository(repo, spec, tokenizer)
         layout = "inflight_batcher_llm"
     else:
-        from forgeline_operators.build.trtllm import llm_api_options
+        from forgeline_operators.lib.trtllm import llm_api_options
 
         model = build.get("checkpoint") or str(source)
         if not (Path(model) / "config.json").is_file():

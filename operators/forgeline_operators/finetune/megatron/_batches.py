@@ -1,6 +1,6 @@
 """Deterministic global batches cut into each data-parallel rank's micro-batches.
 
-The features are the hf backend's (:func:`forgeline_operators.finetune.sft.features`: ``input_ids``
+The features are the hf backend's (:func:`forgeline_operators.lib.train_rows.sft_features`: ``input_ids``
 and completion-only ``labels`` from :mod:`forgeline_operators.data`). Step ``s`` takes rows
 ``s*G .. s*G+G-1`` of an endless stream of seeded per-epoch permutations (``G`` = micro batch x
 grad accum x dp), so any layout with the same ``G`` sees the same global batch -- what makes TP/PP/DP
@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from forgeline_operators.data import IGNORE_INDEX
-from forgeline_operators.finetune._job import Feature
+from forgeline_operators.lib.train_rows import Feature
 
 __all__ = ["batch_tensors", "global_rows", "micro_batches", "seq_len"]
 

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 
 from forgeline_operators.data import IGNORE_INDEX
-from forgeline_operators.finetune._job import Feature
 from forgeline_operators.finetune.megatron import _batches, _cpu_compat
 from forgeline_operators.finetune.megatron.engine import Session, StepResult, global_sums, loss_scale
+from forgeline_operators.lib.train_rows import Feature
 
 __all__ = ["build_reference", "micro_batches", "seq_len", "train_step"]
 

@@ -99,7 +99,8 @@ def export(session: Session, base_dir: Path, dest: Path) -> list[str]:
         tensors = convert.join_pieces(pieces)
         if session.settings.lora is not None:
             _write_adapter(session, tensors, base_dir, dest / "adapter")
-            from forgeline_operators.finetune._train import load_tokenizer, merge_adapter
+            from forgeline_operators.finetune._train import merge_adapter
+            from forgeline_operators.lib.hf_checkpoint import load_tokenizer
 
             merge_adapter(
                 base_dir, dest / "adapter", dest / "merged", load_tokenizer(base_dir), torch.float32
@@ -134,6 +135,6 @@ def _write_adapter(session: Session, tensors: dict[str, torch.Tensor], base_dir:
     save_file(
         {k: v.clone().contiguous() for k, v in tensors.items()}, str(dest / "adapter_model.safetensors")
     )
-    from forgeline_operators.finetune._train import load_tokenizer
+    from forgeline_operators.lib.hf_checkpoint import load_tokenizer
 
     load_tokenizer(base_dir).save_pretrained(str(dest))

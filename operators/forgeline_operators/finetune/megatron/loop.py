@@ -16,9 +16,9 @@ from typing import Any
 import torch
 
 from forgeline_operators.data import IGNORE_INDEX
-from forgeline_operators.finetune._job import Feature
 from forgeline_operators.finetune.megatron import _batches, ckpt, engine
 from forgeline_operators.finetune.megatron.model import LlamaShape
+from forgeline_operators.lib.train_rows import Feature
 
 __all__ = ["Run", "RunResult", "run"]
 

@@ -76,10 +76,10 @@ def _check(ctx: StageContext, stage: FinetuneStage) -> None:
 
 def _job(ctx: StageContext, stage: FinetuneStage) -> MegatronJob:
     from forgeline_operators.data import pad_token_id
-    from forgeline_operators.finetune._train import load_tokenizer
     from forgeline_operators.finetune.megatron import engine, loop
     from forgeline_operators.finetune.megatron.model import check_layout, shape_from_hf
     from forgeline_operators.finetune.operator import _features, schedule
+    from forgeline_operators.lib.hf_checkpoint import load_tokenizer
 
     base_dir = ctx.input_path(stage.base)
     if (base_dir / "adapter_config.json").is_file():

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from forgeline_operators.kube.client import Kube, wait_for
+from forgeline_operators.lib.kube_client import Kube, wait_for
 
 __all__ = ["LaunchFailed", "PodLogs", "run_on_cluster"]
 

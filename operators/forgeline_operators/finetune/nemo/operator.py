@@ -115,7 +115,7 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def prepare(ctx: StageContext) -> tuple[Rendered, JobInputs, dict[str, Any], Path]:
     """Write data + job files to the shared dir, validate every launch object; returns what was rendered."""
-    from forgeline_operators.finetune.operator import split_rows
+    from forgeline_operators.lib.train_rows import split_rows
 
     stage = ctx.stage
     nemo = stage.nemo
@@ -288,7 +288,7 @@ def _run_on_kubernetes(
 ) -> None:
     """Apply the RayJob (or Service + indexed Job) to the configured cluster and wait for it."""
     from forgeline_operators.finetune.nemo.kube_launch import LaunchFailed, run_on_cluster
-    from forgeline_operators.kube.client import NoCluster, connect
+    from forgeline_operators.lib.kube_client import NoCluster, connect
 
     launcher = ctx.stage.nemo.launcher if ctx.stage.nemo else "rayjob"
     key, manifest = ("rayjob", "rayjob.yaml") if launcher == "rayjob" else ("job", "job.yaml")

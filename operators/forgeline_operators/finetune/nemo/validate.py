@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 # Built-in kinds are checked by the one validator every Kubernetes manifest of Forgeline goes through.
-from forgeline_operators.kube.validate import K8S_VERSION
-from forgeline_operators.kube.validate import validate_builtin as _builtin
+from forgeline_operators.lib.kube_builtins import K8S_VERSION
+from forgeline_operators.lib.kube_builtins import validate_builtin as _builtin
 
 __all__ = ["K8S_VERSION", "validate_k8s", "validate_ray_job", "validate_rayjob"]
 

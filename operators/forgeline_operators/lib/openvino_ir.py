@@ -1,5 +1,9 @@
 """OpenVINO IR for the CPU runtime: the ``optimum-cli export openvino`` equivalent through Python APIs.
 
+It owns how a Hugging Face checkpoint becomes an OpenVINO IR directory (export, weight compression,
+the f32 hints, loading one back for scoring); the build stage (``build/openvino``) and the quantize
+stage's NNCF formats both export through it, so the two cannot drift apart.
+
 ``export_ir`` runs optimum-intel's ``main_export`` (task ``text-generation-with-past``, stateful, fp32,
 tokenizer and detokenizer converted with openvino-tokenizers) and then, for int8/int4, NNCF's
 ``compress_weights`` on the exported model. That is what ``optimum-cli --weight-format int8|int4``

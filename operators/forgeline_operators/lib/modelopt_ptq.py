@@ -1,5 +1,9 @@
 """NVIDIA ModelOpt post-training quantization of a Hugging Face causal LM, and its two exports.
 
+It owns the ModelOpt calls (preset configs per format, calibration, the unified HF and TRT-LLM
+exports): the quantize stage runs them, and the finetune stage's ``qat:`` inserts the same quantizers
+before training and exports its result the same way, so both go through this module.
+
 Measured with nvidia-modelopt 0.47.0 on CPU (the newest release on PyPI here): fp8, int8_sq, int8,
 int4_awq, w4a8_awq and the fp8 KV cache quantize and export; nvfp4 is declared GPU-only (TRT-LLM runs
 it on Blackwell only) and ``plan`` rejects it on CPU.
