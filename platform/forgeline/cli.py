@@ -316,8 +316,8 @@ def _submit(file: Path, on: str, namespace: str, pvc: str, image: str | None, ve
     if on != "kubernetes":
         raise _fail(ValueError(f"--on {on!r}: the only cluster kind is `kubernetes`"), verbose)
     from forgeline_operators.kube import kuberay
-    from forgeline_operators.lib.kube_client import NoCluster, connect
     from forgeline_operators.kube.submit import SubmitError, submission, submit
+    from forgeline_operators.lib.kube_client import NoCluster, connect
 
     loaded = _load(file, verbose)
     try:
@@ -666,7 +666,16 @@ __import__("forgeline._cli_k8s", fromlist=["register"]).register(app)  # render
 
 
 def main() -> None:
-    app()
+    """The console entry point: the one place an error the user can act on that no command formatted
+    itself (any :class:`~forgeline.errors.ForgelineError`) becomes its message and exit code 1, without
+    a traceback (``-v`` / ``--verbose`` shows it); any other exception is a bug and shows one."""
+    from forgeline.errors import ForgelineError
+
+    try:
+        app()
+    except ForgelineError as e:
+        verbose = any(a in ("-v", "--verbose") for a in sys.argv[1:])
+        raise SystemExit(_fail(e, verbose).exit_code) from None
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from forgeline.api._errors import ApiError
+from forgeline.errors import ForgelineError
 
 Scope = Literal["read", "submit", "promote"]
 SCOPES: tuple[Scope, ...] = ("read", "submit", "promote")
@@ -40,7 +41,7 @@ class TokenEntry(BaseModel):
 _FILE = TypeAdapter(dict[str, TokenEntry])
 
 
-class TokenFileError(ValueError):
+class TokenFileError(ForgelineError, ValueError):
     """The tokens file is unreadable or malformed; the message names the file and the fix."""
 
 

@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from forgeline.errors import ForgelineError
+
 log = logging.getLogger("forgeline.api")
 
 
@@ -35,7 +37,7 @@ class ErrorBody(BaseModel):
     error: ErrorDetail = Field(description="The error.")
 
 
-class ApiError(Exception):
+class ApiError(ForgelineError):
     """Raised by routes; rendered as an :class:`ErrorBody` with ``status``."""
 
     def __init__(
@@ -77,6 +79,30 @@ _STATUS_CODES = {
 }
 
 
+def forgeline_status(exc: ForgelineError) -> tuple[int, str, Any]:
+    """(HTTP status, code, details) for a platform error, by its place in the tree."""
+    from forgeline.artifacts import PathEscapeError, UriError
+    from forgeline.runtime import NotCancellableHere, RunNotFound
+    from forgeline.runtime.context import GateFailed, OperatorError
+    from forgeline.spec import WorkflowError
+
+    if isinstance(exc, WorkflowError):
+        from forgeline.api._submit import problem_json
+
+        return 422, "invalid_workflow", [problem_json(p) for p in exc.problems]
+    if isinstance(exc, RunNotFound):
+        return 404, "not_found", None
+    if isinstance(exc, NotCancellableHere):
+        return 409, "not_cancellable_here", None
+    if isinstance(exc, UriError | PathEscapeError):
+        return 422, "invalid_uri", None
+    if isinstance(exc, GateFailed):
+        return 409, "gate_failed", exc.metrics
+    if isinstance(exc, OperatorError):
+        return 422, "operator_error", None
+    return 400, "bad_request", None
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -95,6 +121,14 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _STATUS_CODES.get(exc.status_code, f"http_{exc.status_code}")
         return error_response(exc.status_code, code, str(exc.detail), None, dict(exc.headers or {}))
+
+    @app.exception_handler(ForgelineError)
+    async def _forgeline(request: Request, exc: ForgelineError) -> JSONResponse:
+        # A platform error no route turned into an ApiError: its message is written for the user.
+        if isinstance(exc, ApiError):
+            return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
+        status, code, details = forgeline_status(exc)
+        return error_response(status, code, str(exc), details)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -22,6 +22,8 @@ from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote
 
+from forgeline.errors import ForgelineError
+
 __all__ = ["PathEscapeError", "check_tree", "confined", "extract_zip", "safe_relpath", "single_name"]
 
 # Linux limits: NAME_MAX and PATH_MAX, in bytes.
@@ -30,7 +32,7 @@ _MAX_PATH = 4096
 _SINGLE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
 
-class PathEscapeError(ValueError):
+class PathEscapeError(ForgelineError, ValueError):
     """A name from outside that would reach (or is not) a path inside its root; the message names it."""
 
 

@@ -35,10 +35,11 @@ from forgeline.artifacts._manifest import (
     read_manifest,
     sha256_file,
 )
+from forgeline.errors import ForgelineError
 from forgeline.registry import ModelSource, OperatorRegistry
 
 
-class UriError(ValueError):
+class UriError(ForgelineError, ValueError):
     """A model URI that cannot be resolved; the message says what to change."""
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from forgeline.errors import ForgelineError
 from forgeline.spec import Workflow, did_you_mean
 
 __all__ = ["Selection", "SelectionError"]
@@ -20,7 +21,7 @@ TAG_ONLY = "forgeline.select.only"
 TAG_FROM = "forgeline.select.from"
 
 
-class SelectionError(ValueError):
+class SelectionError(ForgelineError, ValueError):
     """A ``--only`` / ``--from`` name that is not a stage of the workflow."""
 
 

@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from forgeline.errors import ForgelineError
+
 if TYPE_CHECKING:
     from forgeline.tracking import Tracker
 
@@ -24,11 +26,11 @@ CANCEL_WAIT_S = 5.0  # how long to wait for the driver after each SIGINT (the AP
 MAX_SIGNALS = 2  # a third would land in the Ctrl-C cleanup the second one started
 
 
-class RunNotFound(LookupError):
+class RunNotFound(ForgelineError, LookupError):
     """No workflow run with that id in the store."""
 
 
-class NotCancellableHere(RuntimeError):
+class NotCancellableHere(ForgelineError, RuntimeError):
     """The run is driven from another host: its pid means nothing here."""
 
     def __init__(self, run_id: str, host: str | None) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from forgeline.artifacts import StageRecord, StageStore, clean_staging, pid_alive
+from forgeline.errors import ForgelineError
 from forgeline.plan import Plan, Planner, Selection, stage_params
 from forgeline.registry import OperatorRegistry, default_registry
 from forgeline.runtime._model_store import model_store
@@ -90,7 +91,7 @@ class RunSummary:
         return next((s for s in self.stages.values() if s.state == "failed"), None)
 
 
-class StageFailed(Exception):
+class StageFailed(ForgelineError):
     def __init__(self, summary: RunSummary) -> None:
         self.summary = summary
         failed = summary.failed

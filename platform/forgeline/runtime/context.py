@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from forgeline.errors import ForgelineError
+
 __all__ = [
     "DatasetInput",
     "GateFailed",
@@ -25,7 +27,7 @@ __all__ = [
 ]
 
 
-class OperatorError(RuntimeError):
+class OperatorError(ForgelineError, RuntimeError):
     """A stage failed for a reason the user can act on; the message is shown without a traceback."""
 
 

@@ -6,6 +6,8 @@ import difflib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from forgeline.errors import ForgelineError
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -33,7 +35,7 @@ class Problem:
         return text
 
 
-class WorkflowError(Exception):
+class WorkflowError(ForgelineError):
     """Raised with every problem found; ``str()`` lists them one per line, sorted by position."""
 
     def __init__(self, problems: Sequence[Problem]) -> None:
