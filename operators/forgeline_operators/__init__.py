@@ -76,6 +76,7 @@ def operator_specs() -> list[OperatorSpec]:
             ),
             description="NeMo containers: Megatron-Bridge SFT/LoRA, NeMo-RL DPO; Ray job, RayJob or Job.",
             describe="forgeline_operators.finetune.nemo.describe:describe",
+            render="forgeline_operators.finetune.nemo.render_k8s:render",
             resources="forgeline_operators.finetune.plan:resources",
             estimate="forgeline_operators.finetune.plan:estimate",
             check="forgeline_operators.finetune.plan:check",
@@ -125,6 +126,7 @@ def operator_specs() -> list[OperatorSpec]:
                 cpu=True, gpu=True, tensor_parallel=True, pipeline_parallel=True, target_bound=True
             ),
             description="trtllm-build command + LLM-API YAML, validated; builds where tensorrt_llm imports",
+            render="forgeline_operators.build.render_k8s:render",
             resources="forgeline_operators.build.plan:resources",
             check="forgeline_operators.build.plan:check",
         ),
@@ -154,6 +156,7 @@ def operator_specs() -> list[OperatorSpec]:
             # gpu=True: on `target: kubernetes` the stage only applies a ModelEndpoint; its pods get GPUs.
             capabilities=Capabilities(cpu=True, gpu=True, target_bound=True),
             description="Local endpoint: detached tritonserver + OpenAI-compatible front.",
+            render="forgeline_operators.deploy.render_k8s:render",
             cache_check="forgeline_operators.deploy.operator:cache_check",
         ),
         OperatorSpec(
@@ -163,6 +166,7 @@ def operator_specs() -> list[OperatorSpec]:
             version="1",
             capabilities=Capabilities(cpu=True, gpu=True, target_bound=True),
             description="Kubernetes only: a ModelEndpoint whose revisions are NIMServices (NIM operator).",
+            render="forgeline_operators.deploy.render_k8s:render",
         ),
         OperatorSpec(
             kind="promote",

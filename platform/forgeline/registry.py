@@ -100,6 +100,9 @@ class OperatorSpec:
     resources: str | None = None
     estimate: str | None = None
     check: str | None = None
+    # ``forgeline render``: ``render(stage, refs) -> list[Doc]`` (forgeline_operators.lib.kube_render),
+    # the Kubernetes objects the stage would create; none: it creates nothing on a cluster.
+    render: str | None = None
 
     def load(self) -> Callable[..., Any]:
         return _import(self.entrypoint)
@@ -118,6 +121,9 @@ class OperatorSpec:
 
     def load_check(self) -> Callable[..., list[StageIssue]] | None:
         return _import(self.check) if self.check else None
+
+    def load_render(self) -> Callable[..., list[Any]] | None:
+        return _import(self.render) if self.render else None
 
 
 def _import(dotted: str) -> Callable[..., Any]:
