@@ -30,6 +30,7 @@ __all__ = [
     "ResourceRequest",
     "StageIssue",
     "default_registry",
+    "reset_default_registry",
 ]
 
 
@@ -103,6 +104,9 @@ class OperatorSpec:
     # ``forgeline render``: ``render(stage, refs) -> list[Doc]`` (forgeline_operators.lib.kube_render),
     # the Kubernetes objects the stage would create; none: it creates nothing on a cluster.
     render: str | None = None
+    # A kind of its own: "module:Class", the stage model (a ``forgeline.spec.StageBase`` subclass with
+    # a ``kind: Literal[...]`` field) the workflow union, the loader and ``forgeline schema`` include.
+    stage_model: str | None = None
 
     def load(self) -> Callable[..., Any]:
         return _import(self.entrypoint)
@@ -124,6 +128,13 @@ class OperatorSpec:
 
     def load_render(self) -> Callable[..., list[Any]] | None:
         return _import(self.render) if self.render else None
+
+    def load_stage_model(self) -> type[Any] | None:
+        if not self.stage_model:
+            return None
+        module_name, _, attr = self.stage_model.partition(":")
+        cls: type[Any] = getattr(importlib.import_module(module_name), attr)
+        return cls
 
 
 def _import(dotted: str) -> Callable[..., Any]:
@@ -188,6 +199,17 @@ class OperatorRegistry:
     def add_model(self, source: ModelSource) -> None:
         self._models[source.name] = source
 
+    def stage_models(self) -> dict[str, type[Any]]:
+        """Stage models that operators declare (``stage_model``), by kind."""
+        out: dict[str, type[Any]] = {}
+        for op in self._ops.values():
+            cls = op.load_stage_model()
+            if cls is not None:
+                if out.get(op.kind, cls) is not cls:
+                    raise TypeError(f"two operators of kind {op.kind!r} declare different stage models")
+                out[op.kind] = cls
+        return out
+
     def operator(self, kind: str, backend: str | None = None) -> OperatorSpec | None:
         # An operator registered without a backend serves every backend of its kind.
         return self._ops.get((kind, backend)) or self._ops.get((kind, None))
@@ -206,6 +228,13 @@ class OperatorRegistry:
 
 
 _default: OperatorRegistry | None = None
+
+
+def reset_default_registry() -> None:
+    """Forget the cached registry: the next :func:`default_registry` reads the entry points again
+    (after a package was installed into this process)."""
+    global _default
+    _default = None
 
 
 def default_registry() -> OperatorRegistry:

@@ -26,11 +26,13 @@ from forgeline.spec._models import (
     QuantizeStage,
     RegisterStage,
     ServeStage,
-    Stage,
     StageBase,
     Workflow,
     output_ref,
     parse_ref,
+    refresh_stage_kinds,
+    stage_adapter,
+    stage_classes,
 )
 from forgeline.spec._schema import reference_markdown, schema_json
 
@@ -56,7 +58,6 @@ __all__ = [
     "RegisterStage",
     "ServeStage",
     "SourceMap",
-    "Stage",
     "StageBase",
     "Workflow",
     "WorkflowError",
@@ -65,5 +66,8 @@ __all__ = [
     "output_ref",
     "parse_ref",
     "reference_markdown",
+    "refresh_stage_kinds",
     "schema_json",
+    "stage_adapter",
+    "stage_classes",
 ]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic import BaseModel, ValidationError
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError
@@ -24,17 +24,16 @@ from forgeline.spec._datasets import validate_dataset
 from forgeline.spec._errors import Problem, WorkflowError, did_you_mean
 from forgeline.spec._models import (
     PATTERN_HELP,
-    STAGE_CLASSES,
     SpecContext,
-    Stage,
     StageBase,
     Workflow,
     is_ref_like,
     parse_ref,
+    stage_adapter,
+    stage_classes,
 )
 
 Loc = tuple[str | int, ...]
-_STAGE_ADAPTER: TypeAdapter[Any] = TypeAdapter(Stage)
 
 
 @dataclass
@@ -164,9 +163,10 @@ def _model_at(loc: Loc, raw: Any) -> type[BaseModel] | None:
         node = node[part] if _has(node, part) else None
         models = [t for tp in nxt for t in _unwrap(tp)]
         stage_models = [t for t in models if isinstance(t, type) and issubclass(t, StageBase)]
-        if len(stage_models) > 1:
+        if stage_models:  # the stage union: the member is the one its `kind` names
             kind = node.get("kind") if isinstance(node, dict) else None
-            models = [STAGE_CLASSES[kind]] if kind in STAGE_CLASSES else []
+            kinds = stage_classes()
+            models = [kinds[kind]] if isinstance(kind, str) and kind in kinds else []
         candidates = models
         if not candidates:
             return None
@@ -231,12 +231,13 @@ def _problems_from_validation(exc: ValidationError, raw: Any, smap: SourceMap, p
         if etype == "union_tag_invalid":
             kind = str((err.get("ctx") or {}).get("tag", inp))
             path = format_path((*loc, "kind"))
-            hint = did_you_mean(kind, STAGE_CLASSES) or f"expected one of: {', '.join(STAGE_CLASSES)}"
+            kinds = stage_classes()
+            hint = did_you_mean(kind, kinds) or f"expected one of: {', '.join(kinds)}"
             problems.append(smap.problem(path, f"unknown stage kind {kind!r}", hint))
             continue
         if etype == "union_tag_not_found":
             problems.append(
-                smap.problem(path, "missing required field 'kind'", f"one of: {', '.join(STAGE_CLASSES)}")
+                smap.problem(path, "missing required field 'kind'", f"one of: {', '.join(stage_classes())}")
             )
             continue
         msg = err["msg"]
@@ -348,7 +349,7 @@ def _raw_stage_problems(
     smap: SourceMap,
 ) -> list[Problem]:
     kind = raw_stage.get("kind")
-    cls = STAGE_CLASSES.get(kind) if isinstance(kind, str) else None  # `kind: [x]` is unhashable
+    cls = stage_classes().get(kind) if isinstance(kind, str) else None  # `kind: [x]` is unhashable
     if cls is None:
         return []
     problems: list[Problem] = []
@@ -395,7 +396,7 @@ def _check_ref(
         return [smap.problem(path, "a stage cannot reference its own outputs")]
     if stage_name not in known:
         return [smap.problem(path, f"unknown stage {stage_name!r}", did_you_mean(stage_name, known))]
-    cls = STAGE_CLASSES.get(kinds.get(stage_name, ""))
+    cls = stage_classes().get(kinds.get(stage_name, ""))
     if cls is not None and output not in cls.outputs:
         return [
             smap.problem(
@@ -480,7 +481,7 @@ def load_workflow(path: str | Path, text: str | None = None) -> LoadedWorkflow:
     elif isinstance(raw.get("stages"), list):
         for item in raw["stages"]:
             try:
-                stages.append(_STAGE_ADAPTER.validate_python(item))
+                stages.append(stage_adapter().validate_python(item))
             except ValidationError:
                 stages.append(None)
     sem, resolved = _semantic_problems(raw, stages, smap, path.parent.resolve())

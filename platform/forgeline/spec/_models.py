@@ -11,10 +11,19 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    TypeAdapter,
+    field_validator,
+    model_validator,
+)
 from pydantic.json_schema import SkipJsonSchema
+from pydantic_core import CoreSchema
 
 REF_PATTERN = re.compile(r"^\$\{\s*(?:(model)|stages\.([A-Za-z0-9_-]+)\.outputs\.([A-Za-z0-9_]+))\s*\}$")
 NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,62}$"
@@ -210,6 +219,10 @@ class StageBase(StrictModel):
     produces_model: ClassVar[bool] = False  # its primary output is a model (a baseline for evaluate)
 
     def check(self, ctx: SpecContext) -> list[SpecIssue]:
+        return []
+
+    def extra_needs(self) -> list[str]:
+        """Stages this one runs after beyond ``needs`` and its references (promote: ``requires``)."""
         return []
 
     def resolved(self, ctx: SpecContext) -> tuple[list[SpecIssue], StageBase]:
@@ -638,9 +651,10 @@ class EvaluateStage(StageBase):
             return [ctx.unknown_stage(field, target, ("base",))], self
         else:
             kind = ctx.kinds.get(target)
-            cls = STAGE_CLASSES.get(kind or "")
+            kinds = stage_classes()
+            cls = kinds.get(kind or "")
             if cls is None or not cls.produces_model:
-                models = "/".join(k for k, c in STAGE_CLASSES.items() if c.produces_model)
+                models = "/".join(k for k, c in kinds.items() if c.produces_model)
                 message = (
                     f"stage {target!r} (kind {kind!r}) produces no model; compare against 'base' or a "
                     f"{models} stage"
@@ -1244,6 +1258,9 @@ class PromoteStage(StageBase):
             out["candidate_endpoint"] = self.candidate_endpoint
         return out
 
+    def extra_needs(self) -> list[str]:
+        return list(self.requires)
+
     def check(self, ctx: SpecContext) -> list[SpecIssue]:
         issues = []
         for j, req in enumerate(self.requires):
@@ -1288,20 +1305,8 @@ def bf16_thread_issues(scheduler: Any, field: str, stage: StageBase, ctx: SpecCo
     ]
 
 
-Stage = Annotated[
-    FinetuneStage
-    | EvaluateStage
-    | QuantizeStage
-    | BuildStage
-    | RegisterStage
-    | ServeStage
-    | DeployStage
-    | PromoteStage
-    | DistillStage
-    | PruneStage,
-    Field(discriminator="kind"),
-]
-
+# The built-in kinds; an installed operator package adds its own through its OperatorSpec's
+# ``stage_model`` (entry point ``forgeline.operators``): :func:`stage_classes` is the union's source.
 STAGE_CLASSES: dict[str, type[StageBase]] = {
     "finetune": FinetuneStage,
     "evaluate": EvaluateStage,
@@ -1314,6 +1319,55 @@ STAGE_CLASSES: dict[str, type[StageBase]] = {
     "distill": DistillStage,
     "prune": PruneStage,
 }
+_installed: list[dict[str, type[StageBase]]] = []  # cache of stage_classes()
+
+
+def stage_classes() -> dict[str, type[StageBase]]:
+    """Every stage kind this process knows, by kind: the built-ins, then each installed operator's
+    ``stage_model`` (a kind of its own; it may not redefine a built-in one)."""
+    if not _installed:
+        from forgeline.registry import default_registry
+
+        kinds = dict(STAGE_CLASSES)
+        for kind, cls in default_registry().stage_models().items():
+            if kind in STAGE_CLASSES and cls is not STAGE_CLASSES[kind]:
+                raise TypeError(f"operator package redefines the built-in stage kind {kind!r} ({cls})")
+            kinds[kind] = cls
+        _installed.append(kinds)
+    return _installed[0]
+
+
+def refresh_stage_kinds() -> None:
+    """Forget the installed kinds and rebuild the workflow model (after installing an operator
+    package into a running process; a new process sees it anyway)."""
+    from forgeline.registry import reset_default_registry
+
+    reset_default_registry()
+    _installed.clear()
+    Workflow.model_rebuild(force=True)
+
+
+class _InstalledStages:
+    """``list[Stage]`` where Stage is the discriminated union (on ``kind``) of :func:`stage_classes`,
+    resolved when the workflow model is first built (it defers its build), so a stage model in an
+    operator package (which imports this module) can be part of it."""
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        stages: Any = list.__class_getitem__(_stage_union())
+        return handler.generate_schema(Annotated[stages, Field(min_length=1)])
+
+
+def _stage_union() -> Any:
+    """``Annotated[KindA | KindB | ..., Field(discriminator="kind")]`` over :func:`stage_classes`."""
+    classes = tuple(stage_classes().values())
+    union: Any = Union.__getitem__(classes)  # a union over a runtime tuple
+    return Annotated[union, Field(discriminator="kind")]
+
+
+def stage_adapter() -> TypeAdapter[Any]:
+    """Validates one stage mapping against every installed kind."""
+    adapter: TypeAdapter[Any] = TypeAdapter(_stage_union())
+    return adapter
 
 
 class Workflow(StrictModel):
@@ -1326,7 +1380,11 @@ class Workflow(StrictModel):
     tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="MLflow settings.")
     target: Literal["local", "kubernetes"] = Field(default="local", description="Where endpoints go.")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Defaults for stages.")
-    stages: list[Stage] = Field(min_length=1, description="Stages, in declaration order.")
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True, defer_build=True)
+
+    stages: Annotated[list[StageBase], _InstalledStages()] = Field(
+        description="Stages, in declaration order."
+    )
 
     def stage(self, name: str) -> StageBase:
         for s in self.stages:
@@ -1349,8 +1407,7 @@ class Workflow(StrictModel):
             parsed = parse_ref(ref)
             if parsed and parsed[0] != "model" and parsed[0] not in deps:
                 deps.append(parsed[0])
-        if isinstance(stage, PromoteStage):
-            deps.extend(r for r in stage.requires if r not in deps)
+        deps.extend(r for r in stage.extra_needs() if r not in deps)
         return deps
 
 

@@ -11,7 +11,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from forgeline.spec._models import STAGE_CLASSES, Workflow
+from forgeline.spec._models import StageBase, Workflow, stage_classes
 
 
 def schema_json() -> str:
@@ -34,6 +34,8 @@ def _type_name(tp: Any) -> str:
         )
     if origin in (list, dict):
         return f"{origin.__name__}[{', '.join(_type_name(a) for a in args)}]"
+    if tp is StageBase:  # the stage union: every installed kind
+        return " \\| ".join(cls.__name__ for cls in stage_classes().values())
     if isinstance(tp, type):
         return tp.__name__
     return str(tp)
@@ -103,6 +105,6 @@ def reference_markdown() -> str:
         "Every stage has `name`, `kind`, `needs`, `resources`, `cache`, `timeout_minutes`.",
         "",
     ]
-    for kind, cls in STAGE_CLASSES.items():
+    for kind, cls in stage_classes().items():
         _table(cls, seen, out, f"`kind: {kind}`")
     return "\n".join(out).rstrip() + "\n"
