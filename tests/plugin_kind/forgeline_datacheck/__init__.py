@@ -10,8 +10,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from forgeline.registry import Capabilities, OperatorSpec, ResourceRequest, StageIssue
-from forgeline.spec import StageBase
+from forgeline.sdk import Capabilities, OperatorSpec, ResourceRequest, StageBase, StageIssue
 
 __all__ = ["DatacheckStage", "check", "operator_specs", "render", "resources"]
 

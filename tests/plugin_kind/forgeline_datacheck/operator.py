@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import re
 
-from forgeline.runtime.context import GateFailed, OperatorError, StageContext, StageResult
+from forgeline.sdk import GateFailed, OperatorError, StageContext, StageResult
 
 
 def run(ctx: StageContext) -> StageResult:
