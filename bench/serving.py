@@ -50,9 +50,13 @@ from forgeline.spec._models import SchedulerSpec
 from forgeline_operators.deploy.endpoint import start_detached, stop_endpoint
 from forgeline_operators.deploy.loadgen import LoadReport, LoadSpec, percentile, run_load, workload
 from forgeline_operators.deploy.triton import group_members
+from forgeline_operators.engines.openvino import (
+    OpenvinoModelSpec,
+    build_openvino_repository,
+    export_openvino,
+    openvino_config,
+)
 from forgeline_operators.models.tiny_llama import SOURCE
-from forgeline_operators.serve.export import export_openvino
-from forgeline_operators.serve.repository import OpenvinoModelSpec, build_openvino_repository, openvino_config
 
 
 def _cpu_s(pid: int) -> float:

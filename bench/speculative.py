@@ -30,8 +30,8 @@ from typing import Any
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+from forgeline_operators.engines.openvino import export_openvino
 from forgeline_operators.models.tiny_llama import SOURCE
-from forgeline_operators.serve.export import export_openvino
 
 PROMPTS = [
     "Once upon a time",

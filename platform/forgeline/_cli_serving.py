@@ -1,8 +1,8 @@
 """Serving commands of the ``forgeline`` CLI: ``serve``, ``endpoints``, ``bench endpoint``.
 
 Registered on the main Typer app by :func:`register` (one line in ``cli.py``). The serving machinery
-lives in ``forgeline_operators.serve`` / ``.deploy`` and is imported inside each command, so the rest of
-the CLI starts without it.
+(the engines facade ``forgeline_operators.engines``, ``.deploy``) is imported inside each command, so
+the rest of the CLI starts without it.
 """
 
 from __future__ import annotations
@@ -45,37 +45,36 @@ def _die(message: str) -> typer.Exit:
 
 def _repository_for(uri: str, home: Path, threads: int, precision: str = "f32") -> Path:
     """Build (once, cached by the model's fingerprint and the engine settings) the Triton repository
-    serving ``uri``."""
+    serving ``uri``, through the engine that serves it on this machine's CPU."""
     import hashlib
     import tempfile
 
     from forgeline.runtime import model_store
     from forgeline.spec._models import SchedulerSpec
-    from forgeline_operators.serve.export import openvino_engine
-    from forgeline_operators.serve.repository import (
-        OpenvinoModelSpec,
-        build_openvino_repository,
-        openvino_config,
-    )
+    from forgeline_operators.engines import MANIFEST, ServingSettings, default_engines
 
     store = model_store(home)  # the planner's store: registry URIs (mlflow://, models:/) resolve too
-    scheduler = SchedulerSpec(inference_precision=precision)
-    spec = OpenvinoModelSpec(name="model", scheduler=scheduler, threads=threads)
-    openvino_config(spec)  # bad settings fail here, before any export
+    settings = ServingSettings(
+        name="model", scheduler=SchedulerSpec(inference_precision=precision), threads=threads
+    )
     # The engine settings live in the repository's config.pbtxt: they are part of what is cached.
-    settings = f"threads={threads} precision={precision}"
-    key = hashlib.sha256(f"{store.fingerprint(uri, Path.cwd())} {settings}".encode()).hexdigest()[:16]
+    key_settings = f"threads={threads} precision={precision}"
+    key = hashlib.sha256(f"{store.fingerprint(uri, Path.cwd())} {key_settings}".encode()).hexdigest()[:16]
     target = home / "serving" / key / "repository"
-    if (target / "forgeline-repository.json").exists():
+    if (target / MANIFEST).exists():
         return target
     model_dir = store.materialize(uri, Path.cwd())
+    engine = default_engines().select(model_dir, "cpu")
+    if not engine.server.runs_here:
+        raise ValueError(f"{uri} is served by {engine.name}, which runs in {engine.server.image}, not here")
+    engine.check(settings)  # bad settings fail here, before any export
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        engine, exported = openvino_engine(model_dir, Path(tmp), threads=threads)
-        if exported:
-            err.print(f"exported {uri} to OpenVINO (fp32)", highlight=False)
+        artifact = engine.prepare(model_dir, Path(tmp), threads=threads)
+        if artifact != model_dir:
+            err.print(f"prepared {uri} for {engine.name}", highlight=False)
         staging = Path(tmp) / "repository"
-        build_openvino_repository(staging, engine, spec)
+        engine.write_repository(staging, artifact, settings)
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)
     return target

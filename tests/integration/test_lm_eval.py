@@ -167,8 +167,11 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def endpoint_url(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Iterator[str]:
     from forgeline.spec._models import SchedulerSpec
     from forgeline_operators.deploy.endpoint import start_detached, stop_endpoint
-    from forgeline_operators.serve.export import export_openvino
-    from forgeline_operators.serve.repository import OpenvinoModelSpec, build_openvino_repository
+    from forgeline_operators.engines.openvino import (
+        OpenvinoModelSpec,
+        build_openvino_repository,
+        export_openvino,
+    )
 
     ir = export_openvino(tiny_dir, tmp_path_factory.mktemp("ov") / "ir")
     repository = build_openvino_repository(

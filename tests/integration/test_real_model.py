@@ -93,7 +93,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def ir(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from forgeline_operators.serve.export import export_openvino
+    from forgeline_operators.engines.openvino import export_openvino
 
     return Path(export_openvino(smollm2, tmp_path_factory.mktemp("smollm2-ir") / "ir"))
 
@@ -102,7 +102,7 @@ def ir(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def endpoint(ir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     from forgeline.spec._models import SchedulerSpec
     from forgeline_operators.deploy.endpoint import start_detached, stop_endpoint
-    from forgeline_operators.serve.repository import OpenvinoModelSpec, build_openvino_repository
+    from forgeline_operators.engines.openvino import OpenvinoModelSpec, build_openvino_repository
 
     work = tmp_path_factory.mktemp("smollm2-serve")
     repo = build_openvino_repository(

@@ -21,10 +21,9 @@ import pytest
 
 from forgeline.api import create_token
 from forgeline_operators.deploy.endpoint import EndpointRecord, _is_supervisor, start_detached, stop_endpoint
+from forgeline_operators.engines.openvino import OpenvinoModelSpec, build_openvino_repository, export_openvino
 from forgeline_operators.models.tiny_llama import SOURCE
 from forgeline_operators.ports import free_port
-from forgeline_operators.serve.export import export_openvino
-from forgeline_operators.serve.repository import OpenvinoModelSpec, build_openvino_repository
 from processes import terminate
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]

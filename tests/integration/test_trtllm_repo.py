@@ -18,12 +18,12 @@ import httpx
 import pytest
 
 from forgeline_operators.deploy.triton import TritonServer
-from forgeline_operators.models.tiny_llama import CHECKPOINT_DIR, SOURCE
-from forgeline_operators.serve.trtllm_repository import (
+from forgeline_operators.engines.tensorrt_llm.repository import (
     TrtllmRepositorySpec,
     build_llmapi_repository,
     build_trtllm_repository,
 )
+from forgeline_operators.models.tiny_llama import CHECKPOINT_DIR, SOURCE
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 

@@ -21,8 +21,8 @@ from forgeline.runtime.context import MemorySink, OperatorError, StageContext
 from forgeline.spec import BuildStage, load_workflow
 from forgeline_operators.build import CPU_STOP, run_openvino, run_tensorrt_llm
 from forgeline_operators.build.operator import cached_engine, checkpoint_digest, store_engine
-from forgeline_operators.lib import trtllm as t
-from forgeline_operators.lib.openvino_ir import F32_HINTS
+from forgeline_operators.engines.openvino.ir import F32_HINTS
+from forgeline_operators.engines.tensorrt_llm import trtllm as t
 from forgeline_operators.quantize import run as quantize
 
 torch.set_num_threads(1)

@@ -4,7 +4,8 @@ sources and fails, naming the contract, once one forbidden import is planted in 
 Hermetic: the sources (``.py`` files only) and ``pyproject.toml`` are copied to a temporary directory,
 ``lint-imports`` reads that copy's contracts (``--config``) and finds the copied packages first on
 ``PYTHONPATH`` (a planted import that only the copy has is what proves it); no cache is written.
-A test for each family of contract: stage independence, the operator layers, platform -> operators.
+A test for each family of contract: stage independence, engine independence, the operator layers
+(stage folders above engines above lib), platform -> operators.
 """
 
 from __future__ import annotations
@@ -68,9 +69,21 @@ def test_the_contracts_cover_both_packages_and_hold(copy: Path) -> None:
 PLANTS = [
     pytest.param(
         "operators/forgeline_operators/evaluate/_planted.py",
-        "from forgeline_operators.serve import repository",
-        lambda c: c["type"] == "independence",
+        "from forgeline_operators.serve import operator",
+        lambda c: c["type"] == "independence" and "forgeline_operators.serve" in c["modules"],
         id="a-stage-folder-imports-another",
+    ),
+    pytest.param(
+        "operators/forgeline_operators/engines/openvino/_planted.py",
+        "from forgeline_operators.engines.tensorrt_llm import trtllm",
+        lambda c: c["type"] == "independence" and "forgeline_operators.engines.openvino" in c["modules"],
+        id="an-engine-imports-another",
+    ),
+    pytest.param(
+        "operators/forgeline_operators/engines/_planted.py",
+        "from forgeline_operators.promote import gates",
+        lambda c: c["type"] == "layers" and c["layers"][0] == "forgeline_operators.kube",
+        id="the-engines-import-a-stage-folder",
     ),
     pytest.param(
         "operators/forgeline_operators/lib/_planted.py",
@@ -80,7 +93,7 @@ PLANTS = [
     ),
     pytest.param(
         "platform/forgeline/plan/_planted.py",
-        "from forgeline_operators.lib import trtllm",  # imports nothing else: breaks only this one
+        "from forgeline_operators.lib import intervals",  # imports nothing else: breaks only this one
         lambda c: c["type"] == "forbidden" and c["forbidden_modules"] == ["forgeline_operators"],
         id="the-platform-imports-an-operator",
     ),

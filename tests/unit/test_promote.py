@@ -355,7 +355,8 @@ def test_a_version_number_back_with_other_weights_is_restaged(tmp_path: Path) ->
         path = tmp_path / name
         path.mkdir()
         (path / "openvino_model.xml").write_text(f"<net name='{name}'/>")
-        (path / "openvino_tokenizer.xml").write_text("<net/>")
+        for other in ("openvino_model.bin", "openvino_tokenizer.xml", "openvino_detokenizer.xml"):
+            (path / other).write_text("<net/>")
         return path
 
     live = tmp_path / "live"

@@ -22,8 +22,7 @@ from forgeline_operators.deploy.endpoint import EndpointRecord, _write_record, l
 from forgeline_operators.deploy.front import FrontSettings, create_app, sse_events
 from forgeline_operators.deploy.loadgen import LoadSpec, percentile, workload
 from forgeline_operators.deploy.triton import TritonError, load_model, repository_request
-from forgeline_operators.ports import free_port
-from forgeline_operators.serve.repository import (
+from forgeline_operators.engines.openvino.repository import (
     INPUTS,
     MANIFEST,
     AdapterRef,
@@ -34,6 +33,7 @@ from forgeline_operators.serve.repository import (
     openvino_config,
     router_config,
 )
+from forgeline_operators.ports import free_port
 
 GOLDEN = """\
 name: "llm"

@@ -1,6 +1,7 @@
-"""The CPU engine model (serve/triton_model.py) without a server: its admission with the engine faked (a
-batch that Triton hands to ``execute`` enters the engine at one step boundary, however long parsing
-takes), its refusal of one-thread bf16, and its incremental detokenisation with the real tokenizer.
+"""The CPU engine model (engines/openvino/triton_model.py) without a server: its admission with the
+engine faked (a batch that Triton hands to ``execute`` enters the engine at one step boundary, however
+long parsing takes), its refusal of one-thread bf16, and its incremental detokenisation with the real
+tokenizer.
 
 The real ``step()`` holds the GIL, so ``execute`` runs between steps; here a fake pipeline stands in and
 parsing is slowed down (it sleeps, releasing the GIL) so that an engine thread free to step would step
@@ -22,7 +23,9 @@ from typing import Any
 
 import pytest
 
-MODEL_PY = Path(__file__).resolve().parents[2] / "operators/forgeline_operators/serve/triton_model.py"
+MODEL_PY = (
+    Path(__file__).resolve().parents[2] / "operators/forgeline_operators/engines/openvino/triton_model.py"
+)
 
 
 class _Handle:
@@ -62,7 +65,8 @@ class _Metric:
 
 
 def _load_module(monkeypatch: pytest.MonkeyPatch) -> Any:
-    """serve/triton_model.py as Triton's python stub loads it, with ``triton_python_backend_utils`` faked."""
+    """engines/openvino/triton_model.py as Triton's python stub loads it (``triton_python_backend_utils``
+    faked)."""
     pb = types.ModuleType("triton_python_backend_utils")
     pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)

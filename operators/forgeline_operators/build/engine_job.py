@@ -35,7 +35,7 @@ from forgeline_operators.build.operator import (
     store_engine,
     write_spec,
 )
-from forgeline_operators.lib import trtllm
+from forgeline_operators.engines.tensorrt_llm import trtllm
 
 __all__ = ["main", "run"]
 

@@ -244,7 +244,7 @@ def create_app(settings: FrontSettings) -> FastAPI:
     def _payload(body: _Sampling, lora: str | None, default_max: int) -> dict[str, Any]:
         # Every request carries the same inputs (neutral values for what the client left out): Triton's
         # dynamic batcher puts only requests with the same set of inputs in one ``execute``, and the
-        # engine model takes new requests only between engine steps (see serve/repository.py).
+        # engine model takes new requests only between engine steps (see engines/openvino/repository.py).
         payload: dict[str, Any] = {
             "text_input": "",
             "messages": "",

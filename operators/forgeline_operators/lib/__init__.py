@@ -3,7 +3,8 @@ stage folders need not import each other for them (``lint-imports`` holds lib to
 folder and not :mod:`forgeline_operators.kube`).
 
 Statistics (``intervals``), scoring (``scoring``), training rows (``train_rows``), loading checkpoints
-(``hf_checkpoint``), ModelOpt quantization (``modelopt_ptq``), OpenVINO IR export (``openvino_ir``),
-TensorRT-LLM settings (``trtllm``) and the Kubernetes plumbing (``kube_client``, ``kube_crd``,
-``kube_conditions``, ``kube_builtins``).
+(``hf_checkpoint``), ModelOpt quantization (``modelopt_ptq``) and the Kubernetes plumbing
+(``kube_client``, ``kube_crd``, ``kube_conditions``, ``kube_builtins``). What is particular to a serving
+engine (the OpenVINO IR export, TensorRT-LLM settings) lives in that engine's folder under
+:mod:`forgeline_operators.engines`, one layer above this one.
 """

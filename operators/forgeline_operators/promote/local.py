@@ -3,16 +3,17 @@ versions without a restart.
 
 A production endpoint serves a *live* model repository it owns, ``<home>/endpoints/live/<name>/``
 (never a stage-store directory: those are immutable and sha256-manifested). Registry version ``N`` of
-the model becomes Triton model version ``N`` (``<model>/<N>/`` with the model code and the OpenVINO
-IR); ``config.pbtxt`` pins ``version_policy: specific [N]``. Pointing the endpoint at another version
+the model becomes Triton model version ``N`` (``<model>/<N>/`` with the model code and the engine's
+artifact); ``config.pbtxt`` pins ``version_policy: specific [N]``. Pointing the endpoint at another version
 writes that version directory, swaps the config atomically and asks the running tritonserver to load
 the model over gRPC: Triton loads the new version beside the old one, routes new requests to it once it
 is ready, and lets requests in flight finish on the old one before unloading it -- so a promotion or a
 rollback drops no request (the integration test runs a load generator through it). When the endpoint
 is not running, it starts (detached, like the deploy stage's endpoints) on the live repository.
 
-A registered version may be an OpenVINO IR (the build stage's output) or an HF checkpoint (exported
-to an fp32 IR once, cached under the live directory).
+A registered version may be any artifact an engine that runs here accepts (the build stage's output)
+or an HF checkpoint, which the engine prepares once (for the CPU engine: an fp32 export), cached under
+the live directory. Repositories are written by the engine (:mod:`forgeline_operators.engines`).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from forgeline_operators.deploy.endpoint import (
     stop_endpoint,
 )
 from forgeline_operators.deploy.triton import TritonError, load_model
-from forgeline_operators.serve.repository import MANIFEST, OpenvinoModelSpec, build_openvino_repository
+from forgeline_operators.engines import MANIFEST, Engine, ServingSettings, default_engines
 
 __all__ = [
     "LiveState",
@@ -91,20 +92,29 @@ def _running(home: Path, name: str, repo: Path) -> EndpointRecord | None:
     return None
 
 
-def _engine_for(source: Path, cache: Path, threads: int) -> Path:
-    """The OpenVINO IR of a version: the source itself, or its fp32 export (cached by source path)."""
-    # Imported here: it pulls in the runtime, which `forgeline endpoints` (serving_state) never needs.
-    from forgeline_operators.serve.export import openvino_engine
+def _local_engine(source: Path) -> Engine:
+    """The engine serving ``source`` in the local tritonserver (refuses one whose files run elsewhere)."""
+    engine = default_engines().select(source, "cpu")
+    if not engine.server.runs_here:
+        raise EndpointError(
+            f"{source} is served by {engine.name}, which runs in {engine.server.image}, not in the local "
+            "tritonserver; promote it with target: kubernetes"
+        )
+    return engine
 
+
+def _artifact_for(engine: Engine, source: Path, cache: Path, threads: int) -> Path:
+    """The engine's artifact of a version: the source itself, or what the engine prepared from it
+    (cached by source path)."""
     if cache.exists():
         return cache
     with tempfile.TemporaryDirectory(prefix="forgeline-export-") as work:
-        engine, exported = openvino_engine(source, Path(work), threads=threads)
-        if not exported:
-            return engine
+        artifact = engine.prepare(source, Path(work), threads=threads)
+        if artifact == source:
+            return artifact
         tmp = cache.with_name(cache.name + f".tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(engine, tmp)
+        shutil.copytree(artifact, tmp)
         os.replace(tmp, cache)
     return cache
 
@@ -132,10 +142,10 @@ def _stage_version(
     origin = str(source.resolve())
     key = hashlib.sha256(origin.encode()).hexdigest()[:16]
     with tempfile.TemporaryDirectory(prefix="forgeline-live-", dir=live) as tmp:
-        engine = _engine_for(source, live / "engines" / key, threads)
-        built = build_openvino_repository(
-            Path(tmp) / "repo", engine, OpenvinoModelSpec(name=model, scheduler=scheduler, threads=threads)
-        )
+        engine = _local_engine(source)
+        artifact = _artifact_for(engine, source, live / "engines" / key, threads)
+        settings = ServingSettings(name=model, scheduler=scheduler, threads=threads)
+        built = engine.write_repository(Path(tmp) / "repo", artifact, settings).path
         config = (built / model / "config.pbtxt").read_text()
         marker = target / _SOURCE_MARKER
         if target.exists() and (not marker.is_file() or marker.read_text() != origin):
@@ -226,17 +236,13 @@ def temporary_endpoint(
     home: Path, name: str, source: Path, *, scheduler: SchedulerSpec | None = None, threads: int = 1
 ) -> Iterator[EndpointRecord]:
     """A throw-away endpoint serving ``source`` (the candidate of an SLO gate); stopped on exit."""
-    from forgeline_operators.serve.export import openvino_engine
-
+    engine = _local_engine(source)
+    settings = ServingSettings(
+        name=triton_model_name(name), scheduler=scheduler or SchedulerSpec(), threads=threads
+    )
     with tempfile.TemporaryDirectory(prefix="forgeline-candidate-") as work:
-        engine, _ = openvino_engine(source, Path(work), threads=threads)
-        repo = build_openvino_repository(
-            Path(work) / "repository",
-            engine,
-            OpenvinoModelSpec(
-                name=triton_model_name(name), scheduler=scheduler or SchedulerSpec(), threads=threads
-            ),
-        )
+        artifact = engine.prepare(source, Path(work), threads=threads)
+        repo = engine.write_repository(Path(work) / "repository", artifact, settings).path
         rec = start_detached(home, repo, name, None, served_name=name, threads=threads)
         try:
             yield rec

@@ -116,7 +116,7 @@ def _quantize(
     if stage.format in NNCF_FORMATS:
         import nncf
 
-        from forgeline_operators.lib.openvino_ir import export_ir, load_ov_model
+        from forgeline_operators.engines.openvino.ir import export_ir, load_ov_model
 
         out = ctx.output_dir / "checkpoint"
         export_ir(parent_dir, out, NNCF_FORMATS[stage.format], ctx.work_dir)

@@ -1,6 +1,6 @@
-"""The ``serve`` operator: Triton model repositories built from typed specs.
+"""The ``serve`` operator: a Triton model repository for the stage's model, through its engine.
 
-``repository`` renders the CPU runtime's repository (a decoupled python model, ``triton_model``, over
-OpenVINO GenAI continuous batching); ``export`` turns an HF checkpoint into the OpenVINO IR it needs;
-``operator`` is the stage's ``run(ctx)``.
+``operator`` is the stage's ``run(ctx)``: it asks the engine registry (:mod:`forgeline_operators.engines`)
+which engine serves the model, has the engine prepare its artifact and write the repository. What is
+particular to an engine (OpenVINO, TensorRT-LLM) lives in that engine's folder, not here.
 """

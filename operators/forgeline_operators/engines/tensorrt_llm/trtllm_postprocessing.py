@@ -1,6 +1,6 @@
 """Triton python model ``postprocessing`` of the TensorRT-LLM ensemble: engine token ids → text.
 
-Copied verbatim into the repository by :mod:`.trtllm_repository`; runs in Triton's python stub.
+Copied verbatim into the repository by :mod:`.repository`; runs in Triton's python stub.
 Forgeline's own implementation of the tensor contract of tensorrtllm_backend v0.19.0
 ``all_models/inflight_batcher_llm/postprocessing``: ``TOKENS_BATCH`` ``[batch, beam, tokens]`` and
 ``SEQUENCE_LENGTH`` ``[batch, beam]`` → ``OUTPUT`` ``[batch, beam]`` strings, each beam decoded up to

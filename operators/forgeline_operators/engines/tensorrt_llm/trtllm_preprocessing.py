@@ -1,6 +1,6 @@
 """Triton python model ``preprocessing`` of the TensorRT-LLM ensemble: text → token ids for the engine.
 
-Copied verbatim into the repository by :mod:`.trtllm_repository`; runs in Triton's python stub, so it
+Copied verbatim into the repository by :mod:`.repository`; runs in Triton's python stub, so it
 imports nothing from Forgeline. Forgeline's own implementation of the tensor contract of
 tensorrtllm_backend v0.19.0 ``all_models/inflight_batcher_llm/preprocessing`` (names, types, dims):
 ``QUERY`` → ``INPUT_ID`` (right-padded with the pad id) + ``REQUEST_INPUT_LEN``; ``STOP_WORDS_DICT`` /

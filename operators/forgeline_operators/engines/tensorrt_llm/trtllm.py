@@ -1,9 +1,9 @@
 """TensorRT-LLM build specs as pure functions: the legacy ``trtllm-build`` command and the LLM-API profile.
 
 It owns every TensorRT-LLM setting name Forgeline writes and the engine cache key: the build stage
-renders the command and the ``extra_llm_api_options`` YAML with it, the serve stage's TRT-LLM
-repositories write the same options (and the build entrypoint ``engine_job`` computes the same key),
-so the two stages share it here rather than importing each other.
+renders the command and the ``extra_llm_api_options`` YAML with it, this engine's repositories write
+the same options (and the build entrypoint ``engine_job`` computes the same key), so the build stage
+and serving share it in the engine's folder rather than importing each other.
 
 Names are TensorRT-LLM's own, checked against its sources for the 1.2.x line (the last with the
 TensorRT engine backend):

@@ -1,8 +1,10 @@
-"""OpenVINO IR for the CPU runtime: the ``optimum-cli export openvino`` equivalent through Python APIs.
+"""The OpenVINO IR: what one is (:func:`is_ir`) and how an HF checkpoint becomes one (:func:`export_ir`).
 
 It owns how a Hugging Face checkpoint becomes an OpenVINO IR directory (export, weight compression,
-the f32 hints, loading one back for scoring); the build stage (``build/openvino``) and the quantize
-stage's NNCF formats both export through it, so the two cannot drift apart.
+the f32 hints, loading one back for scoring). It is the only exporter: the build stage
+(``build/openvino``), the quantize stage's NNCF formats and the engine's ``prepare`` (the serve stage,
+promotion, ``forgeline serve``, in a subprocess: :mod:`.__main__`) all export through it, and
+:func:`is_ir` is the only test of what an IR is, so none of them can drift apart.
 
 ``export_ir`` runs optimum-intel's ``main_export`` (task ``text-generation-with-past``, stateful, fp32,
 tokenizer and detokenizer converted with openvino-tokenizers) and then, for int8/int4, NNCF's
@@ -24,6 +26,7 @@ from typing import Any
 __all__ = [
     "F32_HINTS",
     "IR_FILES",
+    "TOKENIZER_FILES",
     "WEIGHT_FORMATS",
     "compress_ir",
     "export_ir",
@@ -34,7 +37,7 @@ __all__ = [
 ]
 
 IR_FILES = ("openvino_model.xml", "openvino_model.bin")
-TOKENIZER_FILES = ("openvino_tokenizer.xml", "openvino_detokenizer.xml")
+TOKENIZER_FILES = ("openvino_tokenizer.xml", "openvino_detokenizer.xml")  # openvino-tokenizers' IRs
 WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4")
 META = "forgeline_openvino.json"
 # Bit-exact settings for tests and gates (defaults are bf16 / u8 KV on AVX512 machines).
@@ -43,7 +46,8 @@ INT4_GROUP_SIZE = 64
 
 
 def is_ir(directory: Path) -> bool:
-    return all((directory / name).is_file() for name in IR_FILES)
+    """An IR that OpenVINO GenAI can serve: the model and its tokenizer and detokenizer IRs."""
+    return all((directory / name).is_file() for name in (*IR_FILES, *TOKENIZER_FILES))
 
 
 def ir_weight_format(directory: Path) -> str | None:

@@ -1,4 +1,4 @@
-"""Triton model repositories for the GPU runtime (TensorRT-LLM), as pure functions of a typed spec.
+"""Triton model repositories of the TensorRT-LLM engine (GPU), as pure functions of a typed spec.
 
 Two layouts, both NVIDIA's:
 
@@ -31,6 +31,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from forgeline_operators.engines import MANIFEST
+
 __all__ = [
     "BACKEND_TAG",
     "LLMAPI_MODEL_PY",
@@ -47,7 +49,6 @@ __all__ = [
 
 BACKEND_TAG = "triton-inference-server/tensorrtllm_backend@v0.19.0"
 LLMAPI_MODEL_PY = "NVIDIA/TensorRT-LLM: triton_backend/all_models/llmapi/tensorrt_llm/1/model.py"
-MANIFEST = "forgeline-repository.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 HERE = Path(__file__).parent
 
@@ -419,7 +420,7 @@ def llmapi_config(spec: TrtllmRepositorySpec) -> str:
 
 def llmapi_model_yaml(model: str, llm_args: dict[str, Any], spec: TrtllmRepositorySpec) -> str:
     """``tensorrt_llm/1/model.yaml``: the LLM-API arguments (the build stage's profile) + triton_config."""
-    from forgeline_operators.lib.trtllm import render_yaml
+    from forgeline_operators.engines.tensorrt_llm.trtllm import render_yaml
 
     args = {"model": model, "backend": "pytorch", **llm_args}
     args["triton_config"] = {"max_batch_size": 0, "decoupled": spec.decoupled}

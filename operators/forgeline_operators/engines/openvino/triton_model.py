@@ -232,7 +232,7 @@ class TritonPythonModel:
         if self._adapters:
             # add_request()/step() ignore a request's adapters (OpenVINO GenAI 2026.4): only generate()
             # applies them, and they then hold for every later step. So each engine model serves one
-            # adapter (forgeline serve/lora_router.py routes by lora_name), applied here once.
+            # adapter (lora_router.py routes by lora_name), applied here once.
             warm = ov_genai.GenerationConfig()
             warm.max_new_tokens = 1
             warm.adapters = ov_genai.AdapterConfig(list(self._adapters.values()))

@@ -1,4 +1,4 @@
-"""Triton model repository for the CPU runtime: a decoupled python model over OpenVINO GenAI.
+"""Triton model repository of the OpenVINO engine: a decoupled python model over OpenVINO GenAI.
 
 Pure functions: :func:`openvino_config` renders ``config.pbtxt`` from the typed scheduler settings
 (golden-tested); :func:`build_openvino_repository` lays out ``<name>/config.pbtxt``,
@@ -21,6 +21,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from forgeline.spec._models import SchedulerSpec
+from forgeline_operators.engines import MANIFEST
+from forgeline_operators.engines.openvino.ir import is_ir
 
 __all__ = [
     "BASE_SUFFIX",
@@ -32,12 +34,10 @@ __all__ = [
     "SpeculativeRef",
     "adapter_ref",
     "build_openvino_repository",
-    "is_openvino_ir",
     "openvino_config",
     "router_config",
 ]
 
-MANIFEST = "forgeline-repository.json"
 MODEL_PY = Path(__file__).with_name("triton_model.py")
 ROUTER_PY = Path(__file__).with_name("lora_router.py")
 BASE_SUFFIX = "__base"
@@ -119,10 +119,6 @@ class OpenvinoModelSpec:
     # Streaming responses per second, all live requests together: each one is an IPC round trip plus
     # an SSE event in Triton, the front and the client, so under load several tokens share one.
     max_stream_events_per_s: float = 500.0
-
-
-def is_openvino_ir(path: Path) -> bool:
-    return (path / "openvino_model.xml").exists() and (path / "openvino_tokenizer.xml").exists()
 
 
 def _io(kind: str, items: tuple[tuple[str, str, str], ...], optional: bool) -> str:
@@ -239,9 +235,9 @@ def _engine_model(dest: Path, engine_dir: Path, spec: OpenvinoModelSpec) -> None
 
 def build_openvino_repository(dest: Path, engine_dir: Path, spec: OpenvinoModelSpec) -> Path:
     """Write a model repository serving ``engine_dir`` (an OpenVINO IR + tokenizer) under ``dest``."""
-    if not is_openvino_ir(engine_dir):
+    if not is_ir(engine_dir):
         raise ValueError(f"{engine_dir} is not an OpenVINO IR with its tokenizer (openvino_*.xml)")
-    if spec.speculative is not None and not is_openvino_ir(spec.speculative.path):
+    if spec.speculative is not None and not is_ir(spec.speculative.path):
         raise ValueError(f"draft model {spec.speculative.path} is not an OpenVINO IR with its tokenizer")
     routes: dict[str, str] = {}
     if not spec.adapters:
