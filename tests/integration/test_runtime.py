@@ -219,8 +219,15 @@ def test_stages_with_train_workers_run_in_their_own_process(
     )
     registry = opkit.registry()
     spawns = Capabilities(data_parallel=True, spawns_workers=True)
-    registry.add_operator(
-        OperatorSpec("finetune", "opkit:pid_checkpoint", "test-1", backend="hf", capabilities=spawns)
+    registry.add_operator(  # a finetune backend: its kind's resources hook asks for a worker per rank
+        OperatorSpec(
+            "finetune",
+            "opkit:pid_checkpoint",
+            "test-1",
+            backend="hf",
+            capabilities=spawns,
+            resources="forgeline_operators.finetune.plan:resources",
+        )
     )
     summary = run_workflow(load_workflow(wf), RunSettings(home=home), registry=registry)
     assert summary.state == "FINISHED"
