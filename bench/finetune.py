@@ -180,9 +180,10 @@ def _case(method: str, dp: int, model: str, steps: int) -> dict[str, Any]:
     from forgeline.artifacts import sha256_file
     from forgeline.plan._estimates import finetune_memory, shape_from_dir
     from forgeline.runtime.context import DatasetInput, MemorySink, StageContext
-    from forgeline.spec import FinetuneStage, Workflow
+    from forgeline.spec import Workflow
     from forgeline_operators.finetune import _train, dpo, sft  # noqa: F401
     from forgeline_operators.finetune.operator import run
+    from forgeline_operators.finetune.spec import FinetuneStage
 
     if dp > 1:
         from forgeline.runtime._ray import RaySettings, ensure_ray

@@ -64,9 +64,9 @@ def _aggregate(tokens: list[float], rates: list[float]) -> float:
 
 
 def hf_tokens_per_s(model_dir: Path, steps: int, work: Path) -> float:
-    from forgeline.spec import FinetuneStage
     from forgeline_operators.finetune import sft
     from forgeline_operators.finetune._job import Schedule, TrainJob
+    from forgeline_operators.finetune.spec import FinetuneStage
 
     feats, pad = _features(model_dir)
     stage = FinetuneStage.model_validate(

@@ -46,10 +46,10 @@ from typing import Any
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from forgeline.spec._models import SchedulerSpec
 from forgeline_operators.deploy.endpoint import start_detached, stop_endpoint
 from forgeline_operators.deploy.loadgen import LoadReport, LoadSpec, percentile, run_load, workload
 from forgeline_operators.deploy.triton import group_members
+from forgeline_operators.engines import SchedulerSpec
 from forgeline_operators.engines.openvino import (
     OpenvinoModelSpec,
     build_openvino_repository,

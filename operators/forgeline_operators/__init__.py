@@ -1,7 +1,10 @@
-"""Forgeline's built-in operators: one folder per stage kind, each a ``run(ctx)`` entrypoint.
+"""Forgeline's built-in operators: one folder per stage kind, each with its stage model (``spec``), a
+``run(ctx)`` entrypoint and its plan hooks.
 
 ``operator_specs()`` is what the ``forgeline.operators`` entry point returns: data only (kind,
-backend, version, capabilities, dotted entrypoint and plan hooks), so planning never imports torch.
+backend, version, capabilities, the dotted paths of the stage model, the entrypoint and the plan
+hooks), so validating and planning never import torch. The order here is the order of the kinds in
+the workflow union and in ``forgeline schema``.
 """
 
 from __future__ import annotations
@@ -14,17 +17,8 @@ __all__ = ["operator_specs"]
 def operator_specs() -> list[OperatorSpec]:
     return [
         OperatorSpec(
-            kind="evaluate",
-            entrypoint="forgeline_operators.evaluate.operator:run",
-            # 2: chat-template rendering, paired intervals; 3: per-row sums + eval-set digest (promotion)
-            version="3",
-            capabilities=Capabilities(cpu=True, gpu=True),
-            description="Perplexity, token accuracy and exact match with transformers; gates.",
-            resources="forgeline_operators.evaluate.plan:resources",
-            estimate="forgeline_operators.evaluate.plan:estimate",
-        ),
-        OperatorSpec(
             kind="finetune",
+            stage_model="forgeline_operators.finetune.spec:FinetuneStage",
             backend="hf",
             entrypoint="forgeline_operators.finetune.operator:run",
             version="2",  # 2: chat-template rendering of prompt/completion and preference rows
@@ -43,6 +37,7 @@ def operator_specs() -> list[OperatorSpec]:
         ),
         OperatorSpec(
             kind="finetune",
+            stage_model="forgeline_operators.finetune.spec:FinetuneStage",
             backend="megatron",
             entrypoint="forgeline_operators.finetune.megatron.operator:run",
             version="2",  # 2: chat-template rendering (data.py)
@@ -61,6 +56,7 @@ def operator_specs() -> list[OperatorSpec]:
         ),
         OperatorSpec(
             kind="finetune",
+            stage_model="forgeline_operators.finetune.spec:FinetuneStage",
             backend="nemo",
             entrypoint="forgeline_operators.finetune.nemo.operator:run",
             version="1",
@@ -82,7 +78,19 @@ def operator_specs() -> list[OperatorSpec]:
             check="forgeline_operators.finetune.plan:check",
         ),
         OperatorSpec(
+            kind="evaluate",
+            stage_model="forgeline_operators.evaluate.spec:EvaluateStage",
+            entrypoint="forgeline_operators.evaluate.operator:run",
+            # 2: chat-template rendering, paired intervals; 3: per-row sums + eval-set digest (promotion)
+            version="3",
+            capabilities=Capabilities(cpu=True, gpu=True),
+            description="Perplexity, token accuracy and exact match with transformers; gates.",
+            resources="forgeline_operators.evaluate.plan:resources",
+            estimate="forgeline_operators.evaluate.plan:estimate",
+        ),
+        OperatorSpec(
             kind="quantize",
+            stage_model="forgeline_operators.quantize.spec:QuantizeStage",
             entrypoint="forgeline_operators.quantize.operator:run",
             version="2",  # 2: calibration/gate rows in the dataset's rendering
             capabilities=Capabilities(cpu=True, gpu=True, gpu_only_options=frozenset({"nvfp4"})),
@@ -92,23 +100,8 @@ def operator_specs() -> list[OperatorSpec]:
             check="forgeline_operators.quantize.plan:check_quantize",
         ),
         OperatorSpec(
-            kind="distill",
-            entrypoint="forgeline_operators.quantize.distill:run",
-            version="2",  # 2: chat-template rendering (data.py)
-            capabilities=Capabilities(cpu=True, gpu=False),
-            description="Distillation: KL on T-scaled teacher logits (+ hard labels) into a student.",
-            estimate="forgeline_operators.quantize.plan:estimate_distill",
-        ),
-        OperatorSpec(
-            kind="prune",
-            entrypoint="forgeline_operators.quantize.prune:run",
-            version="2",  # 2: calibration rows in the dataset's rendering
-            capabilities=Capabilities(cpu=True, gpu=False),
-            description="Structured pruning (MLP width, GQA-consistent heads, depth) by activation score.",
-            estimate="forgeline_operators.quantize.plan:estimate_prune",
-        ),
-        OperatorSpec(
             kind="build",
+            stage_model="forgeline_operators.build.spec:BuildStage",
             backend="openvino",
             entrypoint="forgeline_operators.build.operator:run_openvino",
             version="1",
@@ -119,6 +112,7 @@ def operator_specs() -> list[OperatorSpec]:
         ),
         OperatorSpec(
             kind="build",
+            stage_model="forgeline_operators.build.spec:BuildStage",
             backend="tensorrt-llm",
             entrypoint="forgeline_operators.build.operator:run_tensorrt_llm",
             version="1",
@@ -132,6 +126,7 @@ def operator_specs() -> list[OperatorSpec]:
         ),
         OperatorSpec(
             kind="register",
+            stage_model="forgeline_operators.register.spec:RegisterStage",
             entrypoint="forgeline_operators.register.operator:run",
             version="2",  # 2: upstream quality metrics as version tags
             capabilities=Capabilities(cpu=True, gpu=True),
@@ -140,6 +135,7 @@ def operator_specs() -> list[OperatorSpec]:
         ),
         OperatorSpec(
             kind="serve",
+            stage_model="forgeline_operators.serve.spec:ServeStage",
             entrypoint="forgeline_operators.serve.operator:run",
             version="2",
             capabilities=Capabilities(cpu=True, gpu=True),
@@ -150,6 +146,7 @@ def operator_specs() -> list[OperatorSpec]:
         ),
         OperatorSpec(
             kind="deploy",
+            stage_model="forgeline_operators.deploy.spec:DeployStage",
             backend="triton",
             entrypoint="forgeline_operators.deploy.operator:run",
             version="1",
@@ -161,6 +158,7 @@ def operator_specs() -> list[OperatorSpec]:
         ),
         OperatorSpec(
             kind="deploy",
+            stage_model="forgeline_operators.deploy.spec:DeployStage",
             backend="nim",
             entrypoint="forgeline_operators.deploy.operator:run",
             version="1",
@@ -170,6 +168,7 @@ def operator_specs() -> list[OperatorSpec]:
         ),
         OperatorSpec(
             kind="promote",
+            stage_model="forgeline_operators.promote.spec:PromoteStage",
             entrypoint="forgeline_operators.promote.operator:run",
             version="1",
             capabilities=Capabilities(cpu=True, gpu=True, target_bound=True),
@@ -178,5 +177,23 @@ def operator_specs() -> list[OperatorSpec]:
                 "Gates (metrics vs production/parent, quantization delta, SLO benchmark, approval), then "
                 "the production endpoint switches to the version and the alias moves."
             ),
+        ),
+        OperatorSpec(
+            kind="distill",
+            stage_model="forgeline_operators.distill.spec:DistillStage",
+            entrypoint="forgeline_operators.distill.operator:run",
+            version="2",  # 2: chat-template rendering (data.py)
+            capabilities=Capabilities(cpu=True, gpu=False),
+            description="Distillation: KL on T-scaled teacher logits (+ hard labels) into a student.",
+            estimate="forgeline_operators.distill.plan:estimate",
+        ),
+        OperatorSpec(
+            kind="prune",
+            stage_model="forgeline_operators.prune.spec:PruneStage",
+            entrypoint="forgeline_operators.prune.operator:run",
+            version="2",  # 2: calibration rows in the dataset's rendering
+            capabilities=Capabilities(cpu=True, gpu=False),
+            description="Structured pruning (MLP width, GQA-consistent heads, depth) by activation score.",
+            estimate="forgeline_operators.prune.plan:estimate",
         ),
     ]

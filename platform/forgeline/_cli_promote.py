@@ -49,7 +49,7 @@ def _print_record(record: Any) -> None:
 
 
 def _load_gates(path: Path | None) -> Any:
-    from forgeline.spec._models import PromotionGates
+    from forgeline_operators.promote.service import PromotionGates
 
     if path is None:
         return None
@@ -89,8 +89,8 @@ def promote(
     tracking_uri: TrackingOpt = None,
 ) -> None:
     """Run the gates, point the production endpoint at the version, then move the alias."""
-    from forgeline.spec._models import PromoteEndpointSpec
     from forgeline_operators.promote import service
+    from forgeline_operators.promote.service import PromoteEndpointSpec
 
     h, uri = _context(home, tracking_uri)
     if target not in (None, "local", "kubernetes"):

@@ -50,8 +50,7 @@ def _repository_for(uri: str, home: Path, threads: int, precision: str = "f32") 
     import tempfile
 
     from forgeline.runtime import model_store
-    from forgeline.spec._models import SchedulerSpec
-    from forgeline_operators.engines import MANIFEST, ServingSettings, default_engines
+    from forgeline_operators.engines import MANIFEST, SchedulerSpec, ServingSettings, default_engines
 
     store = model_store(home)  # the planner's store: registry URIs (mlflow://, models:/) resolve too
     settings = ServingSettings(

@@ -36,11 +36,33 @@ from forgeline.runtime.context import (
     StageResult,
 )
 from forgeline.spec import StageBase, parse_ref
-from forgeline.spec._models import SpecContext, SpecIssue
+from forgeline.spec._models import (
+    ADAPTER_NAME_PATTERN,
+    ALIAS_PATTERN,
+    BASE_MODEL_REF,
+    DNS_LABEL_PATTERN,
+    NAME_PATTERN,
+    REGISTERED_NAME_PATTERN,
+    DatasetSpec,
+    Ref,
+    SpecContext,
+    SpecIssue,
+    StrictModel,
+    is_ref_like,
+    output_ref,
+    stage_classes,
+)
 
 __all__ = [
+    "ADAPTER_NAME_PATTERN",
+    "ALIAS_PATTERN",
+    "BASE_MODEL_REF",
+    "DNS_LABEL_PATTERN",
+    "NAME_PATTERN",
+    "REGISTERED_NAME_PATTERN",
     "Capabilities",
     "DatasetInput",
+    "DatasetSpec",
     "EstimateInputs",
     "ForgelineError",
     "GateFailed",
@@ -50,6 +72,7 @@ __all__ = [
     "ModelShape",
     "OperatorError",
     "OperatorSpec",
+    "Ref",
     "ResourceRequest",
     "SpecContext",
     "SpecIssue",
@@ -58,9 +81,13 @@ __all__ = [
     "StageEstimate",
     "StageIssue",
     "StageResult",
+    "StrictModel",
     "dataset_size",
     "finetune_memory",
     "inference_memory",
+    "is_ref_like",
+    "output_ref",
     "parse_ref",
+    "stage_classes",
     "training_flops",
 ]

@@ -165,8 +165,8 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def endpoint_url(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> Iterator[str]:
-    from forgeline.spec._models import SchedulerSpec
     from forgeline_operators.deploy.endpoint import start_detached, stop_endpoint
+    from forgeline_operators.engines import SchedulerSpec
     from forgeline_operators.engines.openvino import (
         OpenvinoModelSpec,
         build_openvino_repository,

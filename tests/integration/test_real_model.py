@@ -100,8 +100,8 @@ def ir(smollm2: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def endpoint(ir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    from forgeline.spec._models import SchedulerSpec
     from forgeline_operators.deploy.endpoint import start_detached, stop_endpoint
+    from forgeline_operators.engines import SchedulerSpec
     from forgeline_operators.engines.openvino import OpenvinoModelSpec, build_openvino_repository
 
     work = tmp_path_factory.mktemp("smollm2-serve")

@@ -14,10 +14,11 @@ import httpx
 import pytest
 
 from forgeline.runtime.context import MemorySink, StageContext
-from forgeline.spec._models import ServeStage, Workflow
+from forgeline.spec._models import Workflow
 from forgeline_operators.deploy.endpoint import EndpointRecord, start_detached, stop_endpoint
 from forgeline_operators.models.tiny_llama import SOURCE
 from forgeline_operators.serve.operator import run as serve
+from forgeline_operators.serve.spec import ServeStage
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

@@ -17,10 +17,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from forgeline.spec._models import SchedulerSpec
 from forgeline_operators.deploy.endpoint import EndpointRecord, list_endpoints, start_detached, stop_endpoint
 from forgeline_operators.deploy.loadgen import LoadReport, LoadSpec, run_load, workload
 from forgeline_operators.deploy.triton import group_members, load_model
+from forgeline_operators.engines import SchedulerSpec
 from forgeline_operators.engines.openvino import OpenvinoModelSpec, build_openvino_repository, export_openvino
 from forgeline_operators.models.tiny_llama import SOURCE
 

@@ -16,10 +16,10 @@ from kopf.testing import KopfRunner
 from kubelet import FakeKubelet, Outcome
 
 from forgeline.runtime.context import MemorySink, OperatorError, StageContext
-from forgeline.spec._models import BuildStage
 from forgeline_operators.build import engine_job
 from forgeline_operators.build.kube_target import ARTIFACTS_ENV, NAMESPACE_ENV
 from forgeline_operators.build.operator import run_tensorrt_llm
+from forgeline_operators.build.spec import BuildStage
 
 pytestmark = pytest.mark.k8s
 

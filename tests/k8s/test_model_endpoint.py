@@ -240,8 +240,8 @@ def test_bad_spec_rejected_with_field_paths(k: Kube, namespace: str) -> None:
 def test_deploy_stage_kubernetes_target(k: Kube, namespace: str, cluster_env: MetricsServer) -> None:
     """The deploy stage's ``target: kubernetes`` path: ModelEndpoint built from the stage, applied, Ready."""
     from forgeline.runtime.context import OperatorError
-    from forgeline.spec._models import DeployStage
     from forgeline_operators.deploy.kube_target import deploy, endpoint_spec
+    from forgeline_operators.deploy.spec import DeployStage
 
     stage = DeployStage.model_validate(
         {
@@ -279,9 +279,9 @@ def test_promotion_rolls_the_endpoint_and_moves_the_alias_only_when_ready(
     """Issue 8's Kubernetes half: ``promote`` changes the ModelEndpoint's model, waits for the canary,
     and moves ``production`` only once the new revision serves; a canary the gates roll back leaves the
     alias where it was and the resource's model restored."""
-    from forgeline.spec._models import PromoteEndpointSpec
     from forgeline.tracking import Tracker, model_aliases, register_version, resolve_settings
     from forgeline_operators.promote import service
+    from forgeline_operators.promote.spec import PromoteEndpointSpec
 
     uri = resolve_settings(None, "", home).uri
     tracker = Tracker(uri)

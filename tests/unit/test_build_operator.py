@@ -18,12 +18,19 @@ from forgeline.artifacts import ModelStore, StageStore, dir_digest
 from forgeline.plan import Planner
 from forgeline.registry import default_registry
 from forgeline.runtime.context import MemorySink, OperatorError, StageContext
-from forgeline.spec import BuildStage, load_workflow
-from forgeline_operators.build import CPU_STOP, run_openvino, run_tensorrt_llm
-from forgeline_operators.build.operator import cached_engine, checkpoint_digest, store_engine
+from forgeline.spec import load_workflow
+from forgeline_operators.build.operator import (
+    CPU_STOP,
+    cached_engine,
+    checkpoint_digest,
+    run_openvino,
+    run_tensorrt_llm,
+    store_engine,
+)
+from forgeline_operators.build.spec import BuildStage
 from forgeline_operators.engines.openvino.ir import F32_HINTS
 from forgeline_operators.engines.tensorrt_llm import trtllm as t
-from forgeline_operators.quantize import run as quantize
+from forgeline_operators.quantize.operator import run as quantize
 
 torch.set_num_threads(1)
 GOLDEN = Path(__file__).resolve().parents[1] / "data" / "golden"
@@ -318,7 +325,7 @@ def _job_args(checkpoint: Path, tmp: Path, expect_key: str | None = None) -> lis
 
 
 def t_settings(fields: dict[str, Any]) -> dict[str, Any]:
-    from forgeline.spec._models import TrtllmBuildSpec
+    from forgeline_operators.engines.tensorrt_llm.settings import TrtllmBuildSpec
 
     return TrtllmBuildSpec.model_validate(fields).model_dump()
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from forgeline.runtime.context import OperatorError
-from forgeline.spec._models import DeployStage
 from forgeline_operators.deploy.kube_target import BASE_DEADLINE_S, deadline_s, endpoint_spec, model_uri
+from forgeline_operators.deploy.spec import DeployStage
 
 
 def stage(**fields: object) -> DeployStage:

@@ -15,10 +15,10 @@ from transformers import AutoModelForCausalLM
 
 from forgeline.artifacts import sha256_file
 from forgeline.runtime.context import DatasetInput, MemorySink, OperatorError, StageContext
-from forgeline.spec import DistillStage
+from forgeline_operators.distill._train import distill_loss
+from forgeline_operators.distill.operator import run
+from forgeline_operators.distill.spec import DistillStage
 from forgeline_operators.models.tiny_llama import SOURCE
-from forgeline_operators.quantize._distill_train import distill_loss
-from forgeline_operators.quantize.distill import run
 
 torch.set_num_threads(1)
 DATA = Path(__file__).resolve().parents[2] / "workflows" / "data"

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from forgeline.runtime.context import OperatorError
-from forgeline.spec._models import BuildStage
 from forgeline_operators.build.operator import write_spec
+from forgeline_operators.build.spec import BuildStage
 from forgeline_operators.engines import (
     ENTRY_POINT_GROUP,
     Engine,

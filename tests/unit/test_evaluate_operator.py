@@ -21,8 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from forgeline.artifacts import sha256_file
 from forgeline.runtime.context import DatasetInput, GateFailed, MemorySink, OperatorError, StageContext
 from forgeline_operators.data import IGNORE_INDEX, encode_row, generation_prompt
-from forgeline_operators.evaluate import run
-from forgeline_operators.evaluate.operator import contains
+from forgeline_operators.evaluate.operator import contains, run
 from forgeline_operators.lib.intervals import read_rows
 
 torch.set_num_threads(1)

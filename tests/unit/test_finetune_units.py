@@ -12,7 +12,7 @@ import pytest
 from forgeline.artifacts import StageStore
 from forgeline.plan import Plan
 from forgeline.runtime import make_planner
-from forgeline.spec import FinetuneStage, load_workflow
+from forgeline.spec import load_workflow
 from forgeline.spec._datasets import read_dataset
 from forgeline_operators.data import IGNORE_INDEX, encode_row
 from forgeline_operators.finetune import dpo
@@ -25,6 +25,7 @@ from forgeline_operators.finetune._checkpoints import (
     stage_key,
 )
 from forgeline_operators.finetune.operator import schedule
+from forgeline_operators.finetune.spec import FinetuneStage
 from forgeline_operators.lib.train_rows import sft_features
 from forgeline_operators.models.tiny_llama import CHECKPOINT_DIR
 

@@ -11,7 +11,6 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from forgeline.spec._models import KubernetesDeploySpec, RepositorySourceSpec, RolloutSpec, TrtllmBuildSpec
 from forgeline_operators.build import k8s as build_k8s
 from forgeline_operators.build.resources import from_cr as build_from_cr
 from forgeline_operators.deploy import manifests as m
@@ -23,6 +22,8 @@ from forgeline_operators.deploy.resources import (
     revision_of,
     to_cr,
 )
+from forgeline_operators.deploy.spec import KubernetesDeploySpec, RepositorySourceSpec, RolloutSpec
+from forgeline_operators.engines.tensorrt_llm.settings import TrtllmBuildSpec
 from forgeline_operators.kube.crds import crd_files, crds
 from forgeline_operators.kube.validate import validate_manifests
 from forgeline_operators.lib.kube_conditions import Condition, set_condition

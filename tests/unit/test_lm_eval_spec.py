@@ -17,8 +17,8 @@ from forgeline.plan import Planner
 from forgeline.registry import default_registry
 from forgeline.runtime.context import OperatorError
 from forgeline.spec import LoadedWorkflow, WorkflowError, load_workflow
-from forgeline.spec._models import EvaluateStage, LmEvalSpec
 from forgeline_operators.evaluate import harness
+from forgeline_operators.evaluate.spec import EvaluateStage, LmEvalSpec
 
 ROW = json.dumps({"prompt": "Say hi", "completion": "hi"}) + "\n"
 

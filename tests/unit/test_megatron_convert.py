@@ -18,7 +18,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("megatron.core")
 
-from forgeline.spec._models import LoraSpec  # noqa: E402
+from forgeline_operators.finetune.spec import LoraSpec  # noqa: E402
 from forgeline_operators.data import IGNORE_INDEX, pad_token_id  # noqa: E402
 from forgeline_operators.finetune.megatron import convert, engine, launch, loop  # noqa: E402
 from forgeline_operators.finetune.megatron.model import build_model, shape_from_hf, transformer_config  # noqa: E402

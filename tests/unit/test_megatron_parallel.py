@@ -20,7 +20,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("megatron.core")
 
-from forgeline.spec._models import LoraSpec  # noqa: E402
+from forgeline_operators.finetune.spec import LoraSpec  # noqa: E402
 from forgeline_operators.data import pad_token_id  # noqa: E402
 from forgeline_operators.finetune.megatron import engine, launch, loop  # noqa: E402
 from forgeline_operators.finetune.megatron.model import shape_from_hf  # noqa: E402

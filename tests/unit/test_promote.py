@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from forgeline.spec._models import MetricGate, PromotionGates, QuantizationGate, SloGate
 from forgeline.tracking import (
     Tracker,
     get_version,
@@ -22,6 +21,7 @@ from forgeline.tracking import (
 from forgeline_operators.lib.intervals import RowStats
 from forgeline_operators.promote import gates as g
 from forgeline_operators.promote import service
+from forgeline_operators.promote.spec import MetricGate, PromotionGates, QuantizationGate, SloGate
 
 NAME = "demo-model"
 
@@ -348,7 +348,7 @@ def test_cached_promotion_reruns_only_to_bring_back_a_stopped_production_endpoin
 def test_a_version_number_back_with_other_weights_is_restaged(tmp_path: Path) -> None:
     """Triton names versions by number: version 1 of another registered model (or of a fresh
     registry) promoted to the same endpoint must replace the old directory, not be served stale."""
-    from forgeline.spec._models import SchedulerSpec
+    from forgeline_operators.engines import SchedulerSpec
     from forgeline_operators.promote.local import _stage_version
 
     def ir(name: str) -> Path:

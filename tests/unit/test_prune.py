@@ -15,10 +15,10 @@ from transformers import AutoModelForCausalLM
 
 from forgeline.artifacts import sha256_file
 from forgeline.runtime.context import DatasetInput, MemorySink, OperatorError, StageContext
-from forgeline.spec import PruneStage
+from forgeline_operators.lib.surgery import evenly_spaced, rebuild
 from forgeline_operators.models.tiny_llama import SOURCE
-from forgeline_operators.quantize._surgery import evenly_spaced, rebuild
-from forgeline_operators.quantize.prune import run
+from forgeline_operators.prune.operator import run
+from forgeline_operators.prune.spec import PruneStage
 
 torch.set_num_threads(1)
 DATA = Path(__file__).resolve().parents[2] / "workflows" / "data"

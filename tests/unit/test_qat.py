@@ -14,8 +14,9 @@ from pydantic import ValidationError
 
 from forgeline.artifacts import sha256_file
 from forgeline.runtime.context import DatasetInput, GateFailed, MemorySink, StageContext
-from forgeline.spec import FinetuneStage, Workflow
+from forgeline.spec import Workflow
 from forgeline_operators.finetune.operator import run
+from forgeline_operators.finetune.spec import FinetuneStage
 from forgeline_operators.models.tiny_llama import CHECKPOINT_DIR
 
 torch.set_num_threads(1)

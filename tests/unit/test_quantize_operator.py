@@ -24,9 +24,9 @@ from forgeline.runtime.context import (
     StageContext,
     StageResult,
 )
-from forgeline.spec import QuantizeStage
 from forgeline_operators.models.tiny_llama import SOURCE
-from forgeline_operators.quantize import run
+from forgeline_operators.quantize.operator import run
+from forgeline_operators.quantize.spec import QuantizeStage
 
 torch.set_num_threads(1)
 DATA = Path(__file__).resolve().parents[2] / "workflows" / "data"

@@ -17,11 +17,12 @@ from typer.testing import CliRunner
 
 from forgeline.cli import app
 from forgeline.registry import default_registry
-from forgeline.spec._models import DeployStage, SchedulerSpec, ServeStage
 from forgeline_operators.deploy.endpoint import EndpointRecord, _write_record, list_endpoints, pid_alive
 from forgeline_operators.deploy.front import FrontSettings, create_app, sse_events
 from forgeline_operators.deploy.loadgen import LoadSpec, percentile, workload
+from forgeline_operators.deploy.spec import DeployStage
 from forgeline_operators.deploy.triton import TritonError, load_model, repository_request
+from forgeline_operators.engines import SchedulerSpec
 from forgeline_operators.engines.openvino.repository import (
     INPUTS,
     MANIFEST,
@@ -34,6 +35,7 @@ from forgeline_operators.engines.openvino.repository import (
     router_config,
 )
 from forgeline_operators.ports import free_port
+from forgeline_operators.serve.spec import ServeStage
 
 GOLDEN = """\
 name: "llm"

@@ -11,11 +11,13 @@ from pathlib import Path
 import pytest
 
 from forgeline.runtime.context import MemorySink, OperatorError, StageContext
-from forgeline.spec._models import ServeStage, TrtllmBuildSpec, Workflow
+from forgeline.spec._models import Workflow
 from forgeline_operators.engines.tensorrt_llm import repository as t
+from forgeline_operators.engines.tensorrt_llm.settings import TrtllmBuildSpec
 from forgeline_operators.engines.tensorrt_llm.trtllm import llm_api_options
 from forgeline_operators.models.tiny_llama import CHECKPOINT_DIR
 from forgeline_operators.serve.operator import run as serve
+from forgeline_operators.serve.spec import ServeStage
 
 GOLDEN = Path(__file__).resolve().parents[1] / "data" / "golden" / "trtllm"
 SPEC = t.TrtllmRepositorySpec(

@@ -14,9 +14,6 @@ from ruamel.yaml import YAML
 
 from forgeline.spec import (
     BASE_MODEL_REF,
-    STAGE_CLASSES,
-    EvaluateStage,
-    FinetuneStage,
     LoadedWorkflow,
     Workflow,
     WorkflowError,
@@ -24,8 +21,10 @@ from forgeline.spec import (
     output_ref,
     parse_ref,
     schema_json,
+    stage_classes,
 )
-from forgeline.spec._models import EvaluateGates
+from forgeline_operators.evaluate.spec import EvaluateGates, EvaluateStage
+from forgeline_operators.finetune.spec import FinetuneStage
 
 ROOT = Path(__file__).resolve().parents[2]
 SFT_ROW = '{"prompt": "Repeat after me:\\nred fox", "completion": "red fox"}\n'
@@ -148,7 +147,7 @@ def test_output_ref_round_trips_through_parse_ref() -> None:
 
 
 def test_every_stage_kind_declares_consistent_outputs() -> None:
-    for kind, cls in STAGE_CLASSES.items():
+    for kind, cls in stage_classes().items():
         assert cls.model_fields["kind"].annotation.__args__ == (kind,)  # type: ignore[union-attr]
         assert cls.outputs, kind
         assert cls.primary_output in cls.outputs, kind
@@ -312,7 +311,7 @@ def test_schema_discriminates_stages_on_kind_for_all_ten_kinds() -> None:
     items = schema()["properties"]["stages"]["items"]
     assert items["discriminator"]["propertyName"] == "kind"
     mapping = items["discriminator"]["mapping"]
-    assert set(mapping) == set(STAGE_CLASSES) and len(mapping) == 10
+    assert set(mapping) == set(stage_classes()) and len(mapping) == 10
     assert {ref["$ref"] for ref in items["oneOf"]} == set(mapping.values())
 
 

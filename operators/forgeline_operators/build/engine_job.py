@@ -27,7 +27,6 @@ from typing import Any
 
 from forgeline.artifacts import new_staging_dir, publish
 from forgeline.runtime.context import OperatorError
-from forgeline.spec._models import TrtllmBuildSpec
 from forgeline_operators.build.operator import (
     CPU_STOP,
     _gpu_status,
@@ -36,6 +35,7 @@ from forgeline_operators.build.operator import (
     write_spec,
 )
 from forgeline_operators.engines.tensorrt_llm import trtllm
+from forgeline_operators.engines.tensorrt_llm.settings import TrtllmBuildSpec
 
 __all__ = ["main", "run"]
 

@@ -28,9 +28,9 @@ from typing import Any
 
 from forgeline.artifacts import dir_digest, read_manifest
 from forgeline.runtime.context import OperatorError, StageContext, StageResult
-from forgeline.spec._models import TrtllmBuildSpec
 from forgeline_operators.engines.openvino import ir as ov
 from forgeline_operators.engines.tensorrt_llm import trtllm
+from forgeline_operators.engines.tensorrt_llm.settings import TrtllmBuildSpec
 
 __all__ = [
     "CPU_STOP",

@@ -12,8 +12,8 @@ __all__ = ["render"]
 
 
 def render(stage: Any, refs: RenderRefs) -> list[Doc]:
-    from forgeline.spec._models import TrtllmBuildSpec
     from forgeline_operators.build import k8s
+    from forgeline_operators.engines.tensorrt_llm.settings import TrtllmBuildSpec
 
     checkpoint, note = refs.resolve(stage.from_)
     parsed = parse_ref(stage.from_)

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from forgeline.spec._models import TrtllmBuildSpec
+from forgeline_operators.engines.tensorrt_llm.settings import TrtllmBuildSpec
 from forgeline_operators.lib.kube_conditions import Condition, CrModel
 from forgeline_operators.lib.kube_crd import VERBATIM, PrinterColumn, crd, from_wire
 

@@ -24,8 +24,8 @@ from __future__ import annotations
 import posixpath
 from typing import Any
 
-from forgeline.spec._models import RepositorySourceSpec
 from forgeline_operators.deploy.resources import API_VERSION, KIND, ModelEndpointSpec
+from forgeline_operators.deploy.spec import RepositorySourceSpec
 
 __all__ = [
     "ENDPOINT_LABEL",

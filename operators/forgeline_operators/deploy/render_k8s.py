@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from forgeline.spec._models import KubernetesDeploySpec
+from forgeline_operators.deploy.spec import KubernetesDeploySpec
 from forgeline_operators.lib.kube_render import Doc, RenderRefs
 
 __all__ = ["render"]

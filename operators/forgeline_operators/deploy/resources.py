@@ -17,7 +17,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from forgeline.spec._models import ADAPTER_NAME_PATTERN, KubernetesDeploySpec, RolloutSpec
+from forgeline.spec._models import ADAPTER_NAME_PATTERN
+from forgeline_operators.deploy.spec import KubernetesDeploySpec, RolloutSpec
 from forgeline_operators.lib.kube_conditions import Condition, CrModel
 from forgeline_operators.lib.kube_crd import PrinterColumn, crd, from_wire, to_wire
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from forgeline.sdk import ForgelineError
-from forgeline.spec._models import SchedulerSpec
+from forgeline_operators.engines._scheduler import SchedulerSpec, bf16_thread_issues
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -29,8 +29,10 @@ __all__ = [
     "EngineError",
     "EngineRegistry",
     "Repository",
+    "SchedulerSpec",
     "ServerRequirement",
     "ServingSettings",
+    "bf16_thread_issues",
     "default_engines",
 ]
 

@@ -6,7 +6,3 @@ the gate checks that fail a workflow with the measured numbers in the message, a
 output (``metrics.json`` + per-row ``samples.jsonl``). Tokenisation comes from
 :mod:`forgeline_operators.data`, shared with fine-tuning.
 """
-
-from forgeline_operators.evaluate.operator import run
-
-__all__ = ["run"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from forgeline.spec import FinetuneStage
+from forgeline_operators.finetune.spec import FinetuneStage
 from forgeline_operators.lib.train_rows import Features
 
 __all__ = ["MetricsTarget", "Schedule", "TrainJob", "TrainOutcome"]

@@ -23,7 +23,6 @@ import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from forgeline.runtime.context import MetricSink, OperatorError
-from forgeline.spec._models import LoraSpec, QLoraSpec
 from forgeline_operators.finetune._checkpoints import (
     discard_incomplete,
     latest_complete,
@@ -31,6 +30,7 @@ from forgeline_operators.finetune._checkpoints import (
     step_of,
 )
 from forgeline_operators.finetune._job import TrainJob, TrainOutcome
+from forgeline_operators.finetune.spec import LoraSpec, QLoraSpec
 from forgeline_operators.lib.hf_checkpoint import adapter_base_dir, load_causal_lm
 
 __all__ = [

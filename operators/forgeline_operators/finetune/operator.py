@@ -16,9 +16,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from forgeline.runtime.context import MetricSink, OperatorError, StageContext, StageResult
-from forgeline.spec import FinetuneStage
 from forgeline_operators.finetune._checkpoints import durable_dir, latest_complete
 from forgeline_operators.finetune._job import MetricsTarget, Schedule, TrainJob, TrainOutcome
+from forgeline_operators.finetune.spec import FinetuneStage
 from forgeline_operators.lib.train_rows import Features, sft_features, split_rows
 
 __all__ = ["run", "train_entry"]

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from forgeline.spec._models import MetricGate, QuantizationGate, SloGate
 from forgeline.tracking import TAG_EVAL_PREFIX
 from forgeline_operators.lib.intervals import ROW_METRICS, RowStats, paired_bootstrap, read_rows, regression
+from forgeline_operators.promote.spec import MetricGate, QuantizationGate, SloGate
 
 __all__ = [
     "APPROVAL_TAG",

@@ -33,7 +33,6 @@ from typing import Any
 import httpx
 
 from forgeline.artifacts import single_name
-from forgeline.spec._models import SchedulerSpec
 from forgeline_operators.deploy.endpoint import (
     EndpointError,
     EndpointRecord,
@@ -43,7 +42,7 @@ from forgeline_operators.deploy.endpoint import (
     stop_endpoint,
 )
 from forgeline_operators.deploy.triton import TritonError, load_model
-from forgeline_operators.engines import MANIFEST, Engine, ServingSettings, default_engines
+from forgeline_operators.engines import MANIFEST, Engine, SchedulerSpec, ServingSettings, default_engines
 
 __all__ = [
     "LiveState",

@@ -37,7 +37,6 @@ from mlflow.exceptions import MlflowException
 from pydantic import BaseModel, Field
 
 from forgeline.artifacts import single_name
-from forgeline.spec._models import PromoteEndpointSpec, PromotionGates
 from forgeline.tracking import (
     RegisteredVersion,
     Tracker,
@@ -55,11 +54,14 @@ from forgeline.tracking import (
 from forgeline_operators.deploy.endpoint import EndpointError, list_endpoints
 from forgeline_operators.promote import gates as g
 from forgeline_operators.promote.local import point_endpoint, serving_state, temporary_endpoint
+from forgeline_operators.promote.spec import PromoteEndpointSpec, PromotionGates
 
 __all__ = [
     "ConflictError",
     "GateFailed",
+    "PromoteEndpointSpec",
     "PromotionError",
+    "PromotionGates",
     "PromotionRecord",
     "approve",
     "history",

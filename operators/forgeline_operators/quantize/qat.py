@@ -23,7 +23,7 @@ from typing import Any
 
 from forgeline.runtime.context import OperatorError
 from forgeline_operators.data import Example
-from forgeline_operators.quantize import _measure as measure
+from forgeline_operators.lib import measure
 from forgeline_operators.quantize.gate import GateResult, check_gate, compare
 from forgeline_operators.quantize.operator import GATE_ROWS
 

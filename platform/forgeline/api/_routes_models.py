@@ -17,10 +17,9 @@ from forgeline.api._auth import Principal, require
 from forgeline.api._errors import ERROR_RESPONSES, ApiError, ErrorBody
 from forgeline.api._settings import ApiSettings
 from forgeline.spec import ALIAS_PATTERN, REGISTERED_NAME_PATTERN
-from forgeline.spec._models import PromoteEndpointSpec, PromotionGates
 from forgeline.tracking import Tracker, list_models, list_versions, model_aliases
 from forgeline_operators.promote import service
-from forgeline_operators.promote.service import PromotionRecord
+from forgeline_operators.promote.service import PromoteEndpointSpec, PromotionGates, PromotionRecord
 
 router = APIRouter(prefix="/v1", responses=ERROR_RESPONSES)
 

@@ -20,8 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from forgeline.spec._models import SchedulerSpec
-from forgeline_operators.engines import MANIFEST
+from forgeline_operators.engines import MANIFEST, SchedulerSpec
 from forgeline_operators.engines.openvino.ir import is_ir
 
 __all__ = [

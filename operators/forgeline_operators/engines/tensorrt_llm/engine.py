@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from forgeline.runtime.context import OperatorError
-from forgeline.spec._models import TrtllmBuildSpec
 from forgeline_operators.engines import (
     EngineCapabilities,
     Repository,
@@ -30,6 +29,7 @@ from forgeline_operators.engines.tensorrt_llm.repository import (
     build_llmapi_repository,
     build_trtllm_repository,
 )
+from forgeline_operators.engines.tensorrt_llm.settings import TrtllmBuildSpec
 from forgeline_operators.engines.tensorrt_llm.trtllm import llm_api_options
 
 __all__ = ["ENGINE", "TensorrtLlmEngine", "is_trtllm_artifact"]

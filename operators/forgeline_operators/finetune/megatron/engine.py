@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
-from forgeline.spec._models import LoraSpec
 from forgeline_operators.finetune.megatron import _cpu_compat
 from forgeline_operators.finetune.megatron.model import LlamaShape
+from forgeline_operators.finetune.spec import LoraSpec
 
 __all__ = ["Session", "Settings", "StepResult", "global_sums", "init_parallel", "setup", "train_step"]
 

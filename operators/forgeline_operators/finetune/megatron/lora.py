@@ -24,8 +24,8 @@ from typing import Any
 import torch
 
 from forgeline.runtime.context import OperatorError
-from forgeline.spec._models import LoraSpec
 from forgeline_operators.finetune.megatron.model import LlamaShape
+from forgeline_operators.finetune.spec import LoraSpec
 
 __all__ = ["HF_NAMES", "attach", "disabled", "targets"]
 

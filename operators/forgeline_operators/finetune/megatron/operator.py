@@ -27,9 +27,9 @@ from typing import Any
 
 from forgeline.artifacts import write_text_atomic
 from forgeline.runtime.context import OperatorError, StageContext, StageResult
-from forgeline.spec import FinetuneStage
 from forgeline_operators.finetune._checkpoints import discard_incomplete, durable_dir, latest_complete
 from forgeline_operators.finetune._job import MetricsTarget, TrainOutcome
+from forgeline_operators.finetune.spec import FinetuneStage
 
 __all__ = ["MegatronJob", "run"]
 
@@ -139,7 +139,7 @@ def _job(ctx: StageContext, stage: FinetuneStage) -> MegatronJob:
 
 
 def _default_lora() -> Any:
-    from forgeline.spec._models import LoraSpec
+    from forgeline_operators.finetune.spec import LoraSpec
 
     return LoraSpec()
 

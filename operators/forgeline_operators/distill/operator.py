@@ -22,13 +22,13 @@ from typing import Any
 import torch
 
 from forgeline.runtime.context import OperatorError, StageContext, StageResult
-from forgeline.spec import DistillStage
 from forgeline_operators.data import Example, pad_token_id
+from forgeline_operators.distill._train import train
+from forgeline_operators.distill.spec import DistillStage
+from forgeline_operators.lib import measure
 from forgeline_operators.lib.hf_checkpoint import load_causal_lm, load_tokenizer
+from forgeline_operators.lib.surgery import evenly_spaced, rebuild
 from forgeline_operators.lib.train_rows import sft_features, split_rows
-from forgeline_operators.quantize import _measure as measure
-from forgeline_operators.quantize._distill_train import train
-from forgeline_operators.quantize._surgery import evenly_spaced, rebuild
 
 __all__ = ["EVAL_ROWS", "META", "run"]
 

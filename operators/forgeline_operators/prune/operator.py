@@ -31,11 +31,11 @@ from typing import Any
 import torch
 
 from forgeline.runtime.context import OperatorError, StageContext, StageResult
-from forgeline.spec import PruneStage
 from forgeline_operators.data import Example, encode_rows, pad_token_id
+from forgeline_operators.lib import measure
 from forgeline_operators.lib.hf_checkpoint import load_causal_lm, load_tokenizer
-from forgeline_operators.quantize import _measure as measure
-from forgeline_operators.quantize._surgery import check_layout, rebuild
+from forgeline_operators.lib.surgery import check_layout, rebuild
+from forgeline_operators.prune.spec import PruneStage
 
 __all__ = ["EVAL_ROWS", "META", "Importance", "importance", "plan_kept", "run"]
 

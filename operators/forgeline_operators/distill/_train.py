@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from forgeline.runtime.context import MetricSink
 from forgeline_operators.data import IGNORE_INDEX, Example, collate
-from forgeline_operators.quantize._measure import kl_per_position
+from forgeline_operators.lib.measure import kl_per_position
 
 __all__ = ["DistillOutcome", "distill_loss", "steps_for", "train"]
 
