@@ -136,6 +136,8 @@ def operator_specs() -> list[OperatorSpec]:
         OperatorSpec(
             kind="serve",
             stage_model="forgeline_operators.serve.spec:ServeStage",
+            check="forgeline_operators.serve.plan:check",
+            describe="forgeline_operators.serve.plan:describe",
             entrypoint="forgeline_operators.serve.operator:run",
             version="2",
             capabilities=Capabilities(cpu=True, gpu=True),

@@ -141,3 +141,39 @@ def test_a_registry_of_doubles_selects_visibly(tmp_path: Path) -> None:
         registry.add(_Double("a"))
     with pytest.raises(TypeError, match="does not implement the Engine protocol"):
         registry.add(object())  # type: ignore[arg-type]
+
+
+def test_a_named_engine_refuses_another_engines_artifact(tmp_path: Path) -> None:
+    registry = EngineRegistry([_Double("a"), _Double("b")])
+    (tmp_path / "a").write_text("")
+    assert registry.select(tmp_path, name="a").name == "a"
+    with pytest.raises(EngineError, match="is a's artifact, not b's: serve it with engine 'a'"):
+        registry.select(tmp_path, name="b")
+    assert registry.select(tmp_path / "missing", name="b").name == "b"  # a checkpoint b prepares
+
+
+def test_the_serve_stages_engine_field_is_checked_and_shown_by_the_plan() -> None:
+    from types import SimpleNamespace
+
+    from forgeline_operators.serve.plan import check, describe
+    from forgeline_operators.serve.spec import ServeStage
+
+    cpu = SimpleNamespace(resources=SimpleNamespace(device="cpu"))
+    caps = None
+    given = ServeStage(name="s", kind="serve", model="${stages.b.outputs.artifact}", engine="openvino")
+    assert check(given, cpu, caps) == []  # type: ignore[arg-type]
+    assert describe(given, cpu) == ["engine: openvino (given)"]
+    inferred = ServeStage(name="s", kind="serve", model="${stages.b.outputs.artifact}")
+    assert describe(inferred, cpu) == [
+        "engine: chosen at run time: the engine whose artifact stage 'b''s output is, "
+        "else openvino, the engine for cpu"
+    ]
+    [wrong_device] = check(  # type: ignore[arg-type]
+        ServeStage(name="s", kind="serve", model="${model}", engine="tensorrt-llm"), cpu, caps
+    )
+    assert wrong_device.field == "engine" and "runs on gpu, not on the workflow's device cpu" in (
+        wrong_device.message
+    )
+    assert wrong_device.hint == "set resources.device: gpu or engine: openvino"
+    [unknown] = check(ServeStage(name="s", kind="serve", model="${model}", engine="vllm"), cpu, caps)  # type: ignore[arg-type]
+    assert "unknown engine 'vllm'" in unknown.message and unknown.hint == "use one of: openvino, tensorrt-llm"

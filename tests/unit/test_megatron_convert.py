@@ -18,10 +18,10 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("megatron.core")
 
-from forgeline_operators.finetune.spec import LoraSpec  # noqa: E402
 from forgeline_operators.data import IGNORE_INDEX, pad_token_id  # noqa: E402
 from forgeline_operators.finetune.megatron import convert, engine, launch, loop  # noqa: E402
 from forgeline_operators.finetune.megatron.model import build_model, shape_from_hf, transformer_config  # noqa: E402
+from forgeline_operators.finetune.spec import LoraSpec  # noqa: E402
 from forgeline_operators.lib.hf_checkpoint import load_tokenizer  # noqa: E402
 from forgeline_operators.lib.train_rows import sft_features  # noqa: E402
 

@@ -30,10 +30,10 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("megatron.core")
 
 from forgeline.plan._estimates import finetune_memory, shape_from_dir  # noqa: E402
-from forgeline_operators.finetune.spec import LoraSpec  # noqa: E402
 from forgeline_operators.data import pad_token_id  # noqa: E402
 from forgeline_operators.finetune.megatron import _batches, engine, launch  # noqa: E402
 from forgeline_operators.finetune.megatron.model import shape_from_hf  # noqa: E402
+from forgeline_operators.finetune.spec import LoraSpec  # noqa: E402
 from forgeline_operators.lib.hf_checkpoint import load_tokenizer  # noqa: E402
 from forgeline_operators.lib.train_rows import sft_features  # noqa: E402
 

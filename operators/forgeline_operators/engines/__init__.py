@@ -142,9 +142,16 @@ class EngineRegistry:
     def select(self, path: Path, device: Device = "cpu", name: str | None = None) -> Engine:
         """The engine for ``path``: ``name`` when given; else the engine whose artifact it is; else (a
         checkpoint no engine owns) the one engine that runs on ``device``."""
-        if name is not None:
-            return self.get(name)
         owners = self.accepting(path)
+        if name is not None:
+            engine = self.get(name)
+            others = [e.name for e in owners if e is not engine]
+            if others and engine not in owners:
+                raise EngineError(
+                    f"{path} is {others[0]}'s artifact, not {name}'s: serve it with engine {others[0]!r} "
+                    f"or give {name} a checkpoint it can prepare"
+                )
+            return engine
         if len(owners) > 1:
             raise EngineError(f"{path} is accepted by several engines: {', '.join(e.name for e in owners)}")
         if owners:

@@ -26,7 +26,7 @@ def run(ctx: StageContext) -> StageResult:
     source = ctx.input_path(stage.model)
     device = ctx.workflow.resources.device
     try:
-        engine = default_engines().select(source, device)
+        engine = default_engines().select(source, device, name=stage.engine)
     except EngineError as e:
         raise OperatorError(f"serve stage {stage.name!r}: {e}") from None
     if device not in engine.capabilities.devices:

@@ -29,6 +29,15 @@ class ServeStage(StageBase):
     kind: Literal["serve"] = Field(description="Build a Triton model repository for the model.")
     runtime: Literal["triton"] = Field(default="triton", description="Inference server.")
     model: Ref = Field(description="Built artifact or registered version to serve.")
+    engine: str | None = Field(
+        default=None,
+        pattern=r"^[a-z][a-z0-9_-]{0,62}$",
+        description=(
+            "Serving engine (an installed `forgeline.engines` entry point: `openvino`, `tensorrt-llm`, "
+            "...). Default: the engine whose artifact `model` is (a build stage's output), else the one "
+            "engine that runs on the workflow's device; `forgeline plan` shows which."
+        ),
+    )
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec, description="Batching limits.")
     adapters: dict[Annotated[str, Field(pattern=ADAPTER_NAME_PATTERN)], Ref] = Field(
         default_factory=dict,
