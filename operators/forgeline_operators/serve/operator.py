@@ -72,7 +72,9 @@ def run(ctx: StageContext) -> StageResult:
         repo = engine.write_repository(ctx.output_dir / "repository", artifact, settings)
     except ValueError as e:
         raise OperatorError(f"serve stage {stage.name!r}: {e}") from None
-    ctx.log_params({"engine": engine.name, "exported_in_stage": exported, **repo.params})
+    # `engine` is already a param: the stage field as written (null when inferred), which MLflow
+    # will not overwrite; the engine actually used goes beside it.
+    ctx.log_params({"engine_selected": engine.name, "exported_in_stage": exported, **repo.params})
     if not engine.server.runs_here:
         ctx.logger.info("wrote the %s repository (runs in %s)", engine.name, engine.server.image)
     return StageResult(outputs={"repository": repo.path}, metrics={"export_seconds": round(export_s, 3)})
